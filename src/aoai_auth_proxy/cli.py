@@ -1,0 +1,181 @@
+"""The command line: `serve` (default), `check` and `demo`; signals and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from aiohttp import web
+
+from .app import LIFECYCLE, TOKEN_SOURCE, app_runner, create_app
+from .certificate import load_client_certificate
+from .config import Settings, load_settings
+from .credentials import EntraTokenFetcher
+from .errors import ConfigError, TokenAcquisitionError
+from .logs import configure_logging
+from .outbound import client_ssl_context
+
+log = logging.getLogger("aoai_auth_proxy")
+
+# Exit codes, as cloud-sql-proxy types them: 0 clean stop, 1 runtime failure, 2 bad configuration.
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="aoai-auth-proxy",
+        description="Authentication sidecar for Azure OpenAI (Microsoft Entra ID tokens).",
+        epilog="Configuration comes from environment variables; see README.md.",
+    )
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the proxy (the default)")
+    commands.add_parser(
+        "check", help="validate the configuration and acquire one token, then exit 0 or 1"
+    )
+    demo_parser = commands.add_parser(
+        "demo", help="run the proxy against local Entra and Azure OpenAI stand-ins"
+    )
+    demo_parser.add_argument(
+        "--port", type=int, default=None, help="proxy port (default: PORT, else 8080)"
+    )
+    args = parser.parse_args(argv)
+    environ = os.environ if env is None else env
+
+    if args.command == "demo":
+        port = args.port if args.port is not None else int(environ.get("PORT") or 8080)
+        configure_logging("INFO")
+        return asyncio.run(demo(port))
+
+    try:
+        settings = load_settings(environ)
+    except ConfigError as exc:
+        print("aoai-auth-proxy: configuration error:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  - {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    if args.command == "check":
+        configure_logging("WARNING", settings.log_format)
+        return asyncio.run(check(settings))
+    configure_logging(settings.log_level, settings.log_format)
+    asyncio.run(serve(settings))
+    return EXIT_OK
+
+
+async def check(settings: Settings) -> int:
+    """Print who we are, what we ask for and until when the token is valid; never the token."""
+    certificate = load_client_certificate(settings.certificate_path)
+    print(f"client id:    {settings.client_id}")
+    print(f"tenant id:    {settings.tenant_id}")
+    print(f"authority:    {settings.authority_host}")
+    print(f"scope:        {settings.scope}")
+    print(f"certificate:  {certificate.path} ({certificate.subject})")
+    print(f"  thumbprint: {certificate.thumbprint_sha1} (SHA-1)")
+    print(f"  expires:    {certificate.not_after.isoformat()}")
+    print(f"upstream:     {settings.api_base_url}")
+    fetcher = EntraTokenFetcher(settings, client_ssl_context(settings.ca_file))
+    try:
+        token = await asyncio.wait_for(fetcher.fetch(), settings.token_timeout)
+    except (TokenAcquisitionError, TimeoutError) as exc:
+        reason = str(exc) or f"Entra ID did not answer within {settings.token_timeout:g} s"
+        print(f"token:        FAILED: {reason}", file=sys.stderr)
+        return EXIT_FAILURE
+    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_on))
+    print(f"token:        OK, expires {expires} (in {token.expires_on - time.time():.0f} s)")
+    return EXIT_OK
+
+
+async def demo(port: int) -> int:
+    """The proxy against local Entra and Azure OpenAI stand-ins: no Azure account needed."""
+    from .testing.demo import demo_environment  # the stand-ins load only for the demo
+
+    async with demo_environment(port=port) as env:
+        await serve(load_settings(env), on_ready=_print_demo_usage)
+    return EXIT_OK
+
+
+def _print_demo_usage(url: str) -> None:
+    print(
+        f"""
+aoai-auth-proxy demo: the proxy listens on {url}, with a token from the local Entra stand-in,
+forwarding to the local Azure OpenAI stand-in. Try, from another terminal:
+
+  curl -s {url}/health
+
+  curl -s '{url}/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21' \\
+    -H 'Content-Type: application/json' -H 'api-key: anything' \\
+    -d '{{"messages": [{{"role": "user", "content": "Hello through the proxy"}}]}}'
+
+  .venv/bin/python -c 'from openai import AzureOpenAI
+  client = AzureOpenAI(azure_endpoint="{url}", api_key="dummy", api_version="2024-10-21")
+  reply = client.chat.completions.create(model="gpt-4o",
+      messages=[{{"role": "user", "content": "Hello from the openai SDK"}}])
+  print(reply.choices[0].message.content)'
+
+Ctrl-C stops the proxy and both stand-ins.
+""",
+        flush=True,
+    )
+
+
+async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then drain: readiness 503 at once, stop accepting, let
+    in-flight requests and streams finish within PROXY_SHUTDOWN_TIMEOUT, exit.
+
+    `on_ready(url)` is called once the listener is up and the first token is held."""
+    app = create_app(settings)
+    runner = app_runner(app, settings)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        if not settings.binds_loopback_only:
+            log.warning(
+                "listening on %s, which is not a loopback address: anyone who can reach it "
+                "can spend this identity's Azure OpenAI quota",
+                settings.host,
+            )
+        log.info(
+            "listening on %s, forwarding to %s as client %s",
+            site.name,
+            settings.api_base_url,
+            settings.client_id,
+        )
+        if on_ready is not None:
+            await _wait_for_first_token(app, stop)
+            if not stop.is_set():
+                on_ready(_url(site.name))
+        await stop.wait()
+        app[LIFECYCLE].draining = True
+        log.info(
+            "shutting down: draining in-flight requests for up to %g s",
+            settings.shutdown_timeout,
+        )
+    finally:
+        # The signal handlers stay installed: a second Ctrl-C during the (bounded) drain is
+        # absorbed rather than raising KeyboardInterrupt through the cleanup.
+        await runner.cleanup()
+    log.info("stopped")
+
+
+async def _wait_for_first_token(app: web.Application, stop: asyncio.Event) -> None:
+    while not stop.is_set() and not app[TOKEN_SOURCE].status().ready:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.05)
+
+
+def _url(name: str) -> str:
+    return name.replace("://0.0.0.0:", "://127.0.0.1:")

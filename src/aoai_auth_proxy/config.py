@@ -1,0 +1,185 @@
+"""Settings: one frozen object built from the environment, every problem reported at once."""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+from .certificate import CertificateError, load_client_certificate
+from .errors import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_SCOPE = "https://cognitiveservices.azure.com/.default"
+DEFAULT_AUTHORITY_HOST = "https://login.microsoftonline.com"
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+# Reasoning models can think for minutes before the first byte and between SSE events; this is
+# an idle (between-bytes) timeout, never a total one, so a long healthy stream is never cut.
+DEFAULT_READ_TIMEOUT_SECONDS = 600.0
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
+DEFAULT_TOKEN_TIMEOUT_SECONDS = 30.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
+
+REQUIRED_AZURE_AD = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CERTIFICATE_PATH")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the proxy is configured with. Build it with `load_settings`."""
+
+    client_id: str
+    tenant_id: str
+    certificate_path: Path
+    api_base_url: str  # scheme://host[:port][/prefix], no trailing slash
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    scope: str = DEFAULT_SCOPE
+    authority_host: str = DEFAULT_AUTHORITY_HOST
+    ca_file: Path | None = None  # SSL_CERT_FILE: trusted in addition to the system store
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    token_timeout: float = DEFAULT_TOKEN_TIMEOUT_SECONDS
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def upstream_host(self) -> str:
+        """The `Host` header value for the upstream (host[:port] as written in API_BASE_URL)."""
+        return urlsplit(self.api_base_url).netloc
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return self.host == "localhost"
+
+
+_T = TypeVar("_T")
+
+
+def load_settings(env: Mapping[str, str], *, check_certificate: bool = True) -> Settings:
+    """Build Settings from `env` (normally os.environ) or raise ConfigError naming every problem."""
+    problems: list[str] = []
+
+    def get(name: str) -> str:
+        return env.get(name, "").strip()
+
+    def parse(name: str, default: _T, convert: Callable[[str], _T]) -> _T:
+        raw = get(name)
+        if not raw:
+            return default
+        try:
+            return convert(raw)
+        except ValueError as exc:
+            problems.append(f"{name}={raw!r} is invalid: {exc}")
+            return default
+
+    missing = [name for name in REQUIRED_AZURE_AD if not get(name)]
+    if missing:
+        problems.append(f"Missing required Azure AD configuration: {', '.join(missing)}")
+
+    api_base_url = ""
+    if not get("API_BASE_URL"):
+        problems.append(
+            "Missing required configuration: API_BASE_URL "
+            "(the Azure OpenAI endpoint, e.g. https://NAME.openai.azure.com)"
+        )
+    else:
+        api_base_url = parse("API_BASE_URL", "", _base_url)
+
+    certificate_path = Path(get("AZURE_CERTIFICATE_PATH"))
+    if check_certificate and get("AZURE_CERTIFICATE_PATH"):
+        try:
+            load_client_certificate(certificate_path)
+        except CertificateError as exc:
+            problems.append(f"AZURE_CERTIFICATE_PATH: {exc}")
+
+    ca_file = Path(get("SSL_CERT_FILE")) if get("SSL_CERT_FILE") else None
+    if ca_file is not None and not ca_file.is_file():
+        problems.append(f"SSL_CERT_FILE={str(ca_file)!r} is not a readable file")
+
+    settings = Settings(
+        client_id=get("AZURE_CLIENT_ID"),
+        tenant_id=get("AZURE_TENANT_ID"),
+        certificate_path=certificate_path,
+        api_base_url=api_base_url,
+        host=get("HOST") or DEFAULT_HOST,
+        port=parse("PORT", DEFAULT_PORT, _port),
+        scope=parse("AZURE_SCOPE", DEFAULT_SCOPE, _scope),
+        authority_host=parse("AZURE_AUTHORITY_HOST", DEFAULT_AUTHORITY_HOST, _authority),
+        ca_file=ca_file,
+        connect_timeout=parse("PROXY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, _seconds),
+        read_timeout=parse("PROXY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, _seconds),
+        shutdown_timeout=parse(
+            "PROXY_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, _seconds
+        ),
+        token_timeout=parse("PROXY_TOKEN_TIMEOUT", DEFAULT_TOKEN_TIMEOUT_SECONDS, _seconds),
+        log_level=parse("PROXY_LOG_LEVEL", "INFO", _log_level),
+        log_format=parse("PROXY_LOG_FORMAT", "text", _log_format),
+    )
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _port(raw: str) -> int:
+    port = int(raw)
+    if not 0 <= port <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return port
+
+
+def _seconds(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _log_level(raw: str) -> str:
+    level = raw.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+    return level
+
+
+def _log_format(raw: str) -> str:
+    if raw.lower() not in LOG_FORMATS:
+        raise ValueError(f"must be one of {', '.join(LOG_FORMATS)}")
+    return raw.lower()
+
+
+def _scope(raw: str) -> str:
+    # Client-credentials tokens are only issued for a resource's `.default` scope.
+    if not raw.endswith("/.default"):
+        raise ValueError("must end in /.default (client credentials use the .default scope)")
+    return raw
+
+
+def _base_url(raw: str) -> str:
+    parts = urlsplit(raw)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ValueError("must be an absolute http(s) URL such as https://NAME.openai.azure.com")
+    if parts.username or parts.password:
+        raise ValueError("must not carry credentials")
+    if parts.query or parts.fragment:
+        raise ValueError("must not carry a query or fragment")
+    _ = parts.port  # raises ValueError on a malformed port
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+def _authority(raw: str) -> str:
+    # azure-identity accepts a bare host name and adds https://; it refuses anything but https.
+    url = raw if "://" in raw else f"https://{raw}"
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise ValueError("must be an https URL such as https://login.microsoftonline.com")
+    return url.rstrip("/")

@@ -1,0 +1,83 @@
+"""The proxy's error tree: every error it answers with carries its HTTP status and code.
+
+    ProxyError                     base; never raised itself
+    ├── BadRequest          400    the request cannot be forwarded as sent (e.g. another host)
+    ├── Unauthorized        401    the inbound key is missing or wrong
+    ├── BadGateway          502    the upstream could not be reached or broke off
+    ├── NoValidToken        503    no unexpired Entra token is held (message carries AADSTS...)
+    ├── NotReady            503    the proxy is starting or draining
+    └── GatewayTimeout      504    the upstream did not answer within the idle timeout
+
+    ConfigError                    bad configuration; the CLI exits with status 2
+    TokenAcquisitionError          one token fetch from Entra failed (wrapped by NoValidToken)
+
+Third-party exceptions (aiohttp, azure-core) are converted into these in one place each
+(`relay.upstream_error` and `credentials.EntraTokenFetcher`), so handlers see only this tree.
+Clients get `error_body()`: short OpenAI-shaped JSON the SDKs surface; logs get the cause chain.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import ClassVar
+
+ERROR_TYPE = "proxy_error"
+
+
+class ProxyError(Exception):
+    """An error the proxy answers itself, in the OpenAI error shape."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "proxy_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def error_body(self) -> bytes:
+        """The OpenAI-shaped JSON the SDKs parse: {"error": {"message", "type", "code"}}."""
+        body = {"error": {"message": self.message, "type": ERROR_TYPE, "code": self.code}}
+        return json.dumps(body).encode()
+
+
+class BadRequest(ProxyError):
+    status = 400
+    code = "invalid_request_target"
+
+
+class Unauthorized(ProxyError):
+    status = 401
+    code = "invalid_proxy_api_key"
+
+
+class BadGateway(ProxyError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class NoValidToken(ProxyError):
+    status = 503
+    code = "no_valid_token"
+
+
+class NotReady(ProxyError):
+    status = 503
+    code = "not_ready"
+
+
+class GatewayTimeout(ProxyError):
+    status = 504
+    code = "upstream_timeout"
+
+
+class ConfigError(Exception):
+    """Every problem found in the configuration, reported together."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class TokenAcquisitionError(Exception):
+    """Entra ID refused or could not be reached; the message is safe to show (no secrets)."""

@@ -1,0 +1,109 @@
+"""Forwarding rules: where a request goes and which headers cross the proxy (pure, no I/O).
+
+Everything here is a plain function over strings, so every rule is unit-tested without sockets
+and the relay (`relay.py`) only wires them to I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from urllib.parse import unquote
+
+from .errors import BadRequest
+
+Headers = Sequence[tuple[str, str]]
+
+# RFC 9110 7.6.1: hop-by-hop fields apply to one connection only and are never forwarded;
+# nor is any field the Connection header names. Proxy-* fields are for this hop as well, and
+# `Expect: 100-continue` is answered by the proxy itself, as nginx does.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# The client's own credentials never reach Azure: an `api-key` on a keyless (Entra-only)
+# resource is refused with 403 AuthenticationTypeDisabled (DESIGN.md section 5).
+CLIENT_CREDENTIALS = frozenset({"authorization", "api-key"})
+_REPLACED_BY_PROXY = frozenset({"host", "expect"})
+CREDENTIAL_QUERY_PARAMETERS = frozenset({"api-key"})
+
+
+def upstream_url(base_url: str, raw_target: str) -> str:
+    """`base_url` + the request's path + its raw query, byte for byte, minus credentials.
+
+    Raises BadRequest for any target that could leave the base URL: absolute-form and
+    authority-form targets (RFC 9112 3.2.2-3.2.3), `//host` paths, dot segments in any
+    encoding (RFC 3986 5.2.4), backslashes, and encoded slashes or NULs that a server
+    further along could decode into one of those.
+    """
+    if not raw_target.startswith("/"):
+        raise BadRequest("Only origin-form request targets (/path?query) are accepted")
+    if "#" in raw_target:
+        raise BadRequest("A request target must not carry a fragment")
+    path, question, query = raw_target.partition("?")
+    if path.startswith("//"):
+        raise BadRequest("A request path must not start with //")
+    for segment in path.split("/"):
+        decoded = unquote(unquote(segment))  # twice: a double-encoded %252e is still a dot
+        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
+            raise BadRequest(f"Request path segment {segment!r} is not allowed")
+    suffix = ""
+    if question:
+        kept = strip_credential_parameters(query)
+        # "?" stays when the client sent it, unless removing a credential emptied the query.
+        suffix = f"?{kept}" if kept or not query else ""
+    return f"{base_url}{path}{suffix}"
+
+
+def strip_credential_parameters(query: str) -> str:
+    """Remove `api-key=` parameters (any letter case), keep every other byte of the query."""
+    kept = [
+        part
+        for part in query.split("&")
+        if unquote(part.partition("=")[0]).lower() not in CREDENTIAL_QUERY_PARAMETERS
+    ]
+    return "&".join(kept)
+
+
+def redact_target(raw_target: str) -> str:
+    """The request target as it may appear in a log line: credential parameters removed."""
+    path, question, query = raw_target.partition("?")
+    if not question:
+        return path
+    query = strip_credential_parameters(query)
+    return f"{path}?{query}" if query else path
+
+
+def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list[tuple[str, str]]:
+    """Client headers as sent upstream: credentials, hop-by-hop and `Host` replaced.
+
+    Every other header keeps its order, letter case and repetitions.
+    """
+    dropped = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY | _connection_tokens(headers)
+    forwarded = [("Host", host)]
+    forwarded.extend((name, value) for name, value in headers if name.lower() not in dropped)
+    forwarded.append(("Authorization", f"Bearer {token}"))
+    return forwarded
+
+
+def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
+    """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
+    dropped = HOP_BY_HOP | _connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in dropped]

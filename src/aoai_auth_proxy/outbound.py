@@ -1,0 +1,45 @@
+"""Outbound HTTP sessions: TLS trust (system store plus SSL_CERT_FILE) and proxy settings."""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from pathlib import Path
+
+import aiohttp
+
+
+def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify against the system store, plus `ca_file` for private CAs; never unverified.
+
+    OpenSSL lets SSL_CERT_FILE *replace* the system bundle; we load the system paths that
+    OpenSSL was built with explicitly, then add the extra file, so both are trusted.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    paths = ssl.get_default_verify_paths()
+    for cafile, capath in ((paths.openssl_cafile, None), (None, paths.openssl_capath)):
+        with contextlib.suppress(FileNotFoundError, ssl.SSLError):  # an image may lack one
+            context.load_verify_locations(cafile=cafile, capath=capath)
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    return context
+
+
+def client_session(
+    ssl_context: ssl.SSLContext, *, limit: int = 0, keepalive_timeout: float = 30.0
+) -> aiohttp.ClientSession:
+    """A pooled session that never changes what passes through it.
+
+    No decompression (bytes pass as sent, RFC 9110 8.4), no cookie jar (a proxy must not mix
+    clients' cookies), HTTPS_PROXY/NO_PROXY from the environment honoured.
+    """
+    connector = aiohttp.TCPConnector(
+        ssl=ssl_context, limit=limit, keepalive_timeout=keepalive_timeout
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=True,
+        timeout=aiohttp.ClientTimeout(total=None),
+    )

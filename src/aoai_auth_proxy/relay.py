@@ -1,0 +1,195 @@
+"""The streaming relay: sends a request upstream and streams the answer back, chunk by chunk.
+
+Two seams live here. `Upstream` is the outbound HTTP client (today a pooled aiohttp session);
+`relay` wires the pure rules of `forwarding` to it. Behaviour is tested at the socket,
+so either side can be replaced by a faster implementation without touching the tests.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from .config import Settings
+from .credentials import TokenSource
+from .errors import BadGateway, GatewayTimeout, ProxyError
+from .forwarding import client_response_headers, upstream_request_headers, upstream_url
+from .logs import UPSTREAM_TIMING, UpstreamTiming
+from .outbound import client_session
+
+log = logging.getLogger(__name__)
+
+# aiohttp would otherwise add these when the client did not send them; a proxy adds nothing.
+_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+
+
+@dataclass(frozen=True)
+class UpstreamRequest:
+    method: str
+    url: str
+    headers: Sequence[tuple[str, str]] = field(repr=False)
+    body: aiohttp.StreamReader | None = field(repr=False)
+
+
+class UpstreamResponse(Protocol):
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def reason(self) -> str: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[str, str]]: ...
+
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives, undecoded."""
+        ...
+
+
+class Upstream(Protocol):
+    """The outbound HTTP client: open a response; leaving the context releases or aborts it."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def open(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]: ...
+
+
+def upstream_error(exc: BaseException, url: str) -> ProxyError:
+    """The one place where outbound-client exceptions become the proxy's own errors."""
+    origin = str(URL(url).origin())
+    if isinstance(exc, TimeoutError):  # includes aiohttp's connect and idle-read timeouts
+        return GatewayTimeout(f"Upstream {origin} did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return BadGateway(f"Cannot connect to upstream {origin}: {exc.os_error or exc}")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return BadGateway(f"Upstream {origin} closed the connection before answering")
+    return BadGateway(f"Upstream {origin} failed: {type(exc).__name__}: {exc}")
+
+
+class _AiohttpResponse:
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers = [(_text(k), _text(v)) for k, v in response.raw_headers]
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.content.iter_any():
+            yield chunk
+
+
+class AiohttpUpstream:
+    """One pooled aiohttp session for every upstream request (keep-alive, no decompression)."""
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext, *, connect_timeout: float, read_timeout: float
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._session: aiohttp.ClientSession | None = None
+        # sock_read is an idle timeout between bytes; there is no total timeout, so a long
+        # stream from a slow reasoning model is never cut while bytes keep flowing.
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+
+    async def start(self) -> None:
+        self._session = client_session(self._ssl_context)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    @asynccontextmanager
+    async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
+        if self._session is None:
+            raise RuntimeError("AiohttpUpstream.open() before start()")
+        try:
+            response = await self._session.request(
+                request.method,
+                URL(request.url, encoded=True),  # the raw path and query, byte for byte
+                headers=_same_case_repeats(request.headers),
+                data=request.body,
+                allow_redirects=False,
+                timeout=self._timeout,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_error(exc, request.url) from exc
+        try:
+            yield _AiohttpResponse(response)
+        except BaseException:
+            response.close()  # abort: the connection is not reused half-read
+            raise
+        else:
+            response.release()
+
+
+async def relay(
+    request: web.Request, settings: Settings, token_source: TokenSource, upstream: Upstream
+) -> web.StreamResponse:
+    """Forward one request and stream the response back; never buffers a body."""
+    url = upstream_url(settings.api_base_url, request.raw_path)
+    token = await token_source.token()
+    headers = upstream_request_headers(
+        [(_text(k), _text(v)) for k, v in request.raw_headers],
+        token=token,
+        host=settings.upstream_host,
+    )
+    body = request.content if request.body_exists else None
+    timing = request[UPSTREAM_TIMING] = UpstreamTiming()
+    started = time.monotonic()
+    async with upstream.open(UpstreamRequest(request.method, url, headers, body)) as answer:
+        timing.ttfb = time.monotonic() - started
+        response = web.StreamResponse(status=answer.status, reason=answer.reason)
+        for name, value in client_response_headers(answer.headers):
+            response.headers.add(name, value)
+        timing.request_id = response.headers.get("apim-request-id") or response.headers.get(
+            "x-request-id"
+        )
+        await response.prepare(request)
+        try:
+            async for chunk in answer.chunks():
+                await response.write(chunk)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # The status line is already out: the only honest signal left is to abort the
+            # connection, so the client sees a truncated response and not a clean end.
+            log.warning(
+                "upstream broke off mid-response, aborting the client connection: %s",
+                upstream_error(exc, url).message,
+            )
+            timing.error = type(exc).__name__
+            if request.transport is not None:
+                request.transport.abort()
+            return response
+    return response
+
+
+def _same_case_repeats(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+    """Spell every repeat of a header name like its first occurrence.
+
+    aiohttp's ClientSession merges headers by exact spelling, so `X-A: 1` then `x-a: 2` would
+    lose the first value; names are case-insensitive (RFC 9110 5.1), values and order are not.
+    """
+    spelling: dict[str, str] = {}
+    return CIMultiDict((spelling.setdefault(name.lower(), name), value) for name, value in headers)
+
+
+def _text(raw: bytes) -> str:
+    # aiohttp writes header values back as UTF-8; non-UTF-8 bytes are obsolete (RFC 9110 5.5).
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")

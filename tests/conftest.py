@@ -1,0 +1,160 @@
+"""Fixtures shared by every test layer: a throw-away CA, the Entra and Azure OpenAI stand-ins,
+and a proxy running exactly as `aoai-auth-proxy serve` runs it, on 127.0.0.1 port 0."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator, Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from aoai_auth_proxy.app import LIFECYCLE, app_runner, create_app
+from aoai_auth_proxy.config import Settings, load_settings
+from aoai_auth_proxy.testing import (
+    AzureOpenAIStandIn,
+    CertificateAuthority,
+    ClientCertificate,
+    EntraStandIn,
+)
+
+# LiteLLM downloads a model price map at import time unless told to use its bundled copy;
+# tests reach loopback only.
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
+CLIENT_ID = "0b3c2a7e-5d1f-4e0a-9c8b-6a4d2f1e3b5c"
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority.create()
+
+
+@pytest.fixture(scope="session")
+def client_certificate(ca: CertificateAuthority) -> ClientCertificate:
+    return ca.issue_client_certificate("aoai-auth-proxy test client")
+
+
+@pytest.fixture
+def certificate_file(tmp_path: Path, client_certificate: ClientCertificate) -> Path:
+    return client_certificate.write(tmp_path / "certificate.pem")
+
+
+@dataclass
+class RunningProxy:
+    """A proxy serving on 127.0.0.1:<ephemeral>, exactly as `aoai-auth-proxy serve` runs it."""
+
+    settings: Settings
+    app: web.Application
+    runner: web.AppRunner
+    url: str
+
+    async def stop(self) -> None:
+        self.app[LIFECYCLE].draining = True
+        await self.runner.cleanup()
+
+
+async def start_proxy(settings: Settings) -> RunningProxy:
+    app = create_app(settings)
+    runner = app_runner(app, settings)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    return RunningProxy(settings, app, runner, f"http://{host}:{port}")
+
+
+async def wait_ready(url: str, timeout: float = 10.0) -> None:
+    async with aiohttp.ClientSession() as session, asyncio.timeout(timeout):
+        while True:
+            async with session.get(f"{url}/health") as response:
+                if response.status == 200:
+                    return
+            await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def ca_file(tmp_path: Path, ca: CertificateAuthority) -> Path:
+    return ca.write_ca_file(tmp_path / "ca.pem")
+
+
+@pytest_asyncio.fixture
+async def entra(
+    ca: CertificateAuthority, client_certificate: ClientCertificate
+) -> AsyncIterator[EntraStandIn]:
+    async with EntraStandIn(ca) as stand_in:
+        stand_in.register_client(TENANT_ID, CLIENT_ID, client_certificate.certificate)
+        yield stand_in
+
+
+@pytest.fixture
+def upstream_routes() -> list[tuple[str, str, Any]]:
+    """Scripted upstream endpoints a test adds before the stand-in starts (override it)."""
+    return []
+
+
+@pytest_asyncio.fixture
+async def aoai(
+    entra: EntraStandIn, ca: CertificateAuthority, upstream_routes: list[tuple[str, str, Any]]
+) -> AsyncIterator[AzureOpenAIStandIn]:
+    stand_in = AzureOpenAIStandIn(entra, ca)
+    for method, path, handler in upstream_routes:
+        stand_in.add_route(method, path, handler)
+    async with stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def proxy_env(
+    entra: EntraStandIn, aoai: AzureOpenAIStandIn, certificate_file: Path, ca_file: Path
+) -> dict[str, str]:
+    return {
+        "AZURE_CLIENT_ID": CLIENT_ID,
+        "AZURE_TENANT_ID": TENANT_ID,
+        "AZURE_CERTIFICATE_PATH": str(certificate_file),
+        "AZURE_AUTHORITY_HOST": entra.authority,
+        "API_BASE_URL": aoai.base_url,
+        "SSL_CERT_FILE": str(ca_file),
+        "HOST": "127.0.0.1",
+        "PORT": "0",
+        "PROXY_SHUTDOWN_TIMEOUT": "5",
+    }
+
+
+ProxyFactory = Callable[..., Coroutine[Any, Any, RunningProxy]]
+
+
+@pytest_asyncio.fixture
+async def make_proxy(proxy_env: dict[str, str]) -> AsyncIterator[ProxyFactory]:
+    """Start a proxy with `proxy_env` plus overrides; it is stopped after the test."""
+    started: list[RunningProxy] = []
+
+    async def make(*, ready: bool = True, **overrides: str) -> RunningProxy:
+        running = await start_proxy(load_settings({**proxy_env, **overrides}))
+        started.append(running)
+        if ready:
+            await wait_ready(running.url)
+        return running
+
+    yield make
+    for running in started:
+        await running.stop()
+
+
+@pytest_asyncio.fixture
+async def proxy(make_proxy: ProxyFactory) -> RunningProxy:
+    return await make_proxy()
+
+
+@pytest_asyncio.fixture
+async def client() -> AsyncIterator[aiohttp.ClientSession]:
+    """A plain HTTP client that changes nothing: no decompression, no default headers."""
+    async with aiohttp.ClientSession(auto_decompress=False) as session:
+        yield session

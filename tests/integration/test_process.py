@@ -1,0 +1,237 @@
+"""The proxy as its users run it: a process with an environment, signals and exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+import pytest_asyncio
+from aiohttp import web
+
+from aoai_auth_proxy.testing import AzureOpenAIStandIn, ClientCertificate, EntraStandIn
+from tests.conftest import CLIENT_ID, TENANT_ID, wait_ready
+
+CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+
+
+class ProxyProcess:
+    """`python -m aoai_auth_proxy` on an ephemeral port, its stderr collected line by line."""
+
+    def __init__(self, process: asyncio.subprocess.Process) -> None:
+        self.process = process
+        self.lines: list[str] = []
+        self.url = ""
+        self._listening = asyncio.Event()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.lines.append(line)
+            if match := re.search(r"listening on (http://[\d.]+:\d+)", line):
+                self.url = match.group(1)
+                self._listening.set()
+
+    async def listening(self, timeout: float = 20.0) -> str:
+        async with asyncio.timeout(timeout):
+            waiter = asyncio.ensure_future(self._listening.wait())
+            done, _ = await asyncio.wait(
+                {waiter, asyncio.ensure_future(self.process.wait())},
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            if waiter not in done:
+                waiter.cancel()
+                raise AssertionError("proxy exited:\n" + "\n".join(self.lines))
+        return self.url
+
+    async def wait(self, timeout: float = 20.0) -> int:
+        async with asyncio.timeout(timeout):
+            code = await self.process.wait()
+            await self._reader
+        return code
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+
+async def spawn(env: dict[str, str], *args: str) -> ProxyProcess:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aoai_auth_proxy",
+        *args,
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        stdout=asyncio.subprocess.PIPE if args else asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    return ProxyProcess(process)
+
+
+async def _upload_hash(request: web.Request) -> web.StreamResponse:
+    digest = hashlib.sha256()
+    async for chunk in request.content.iter_any():
+        digest.update(chunk)
+    return web.json_response({"sha256": digest.hexdigest()})
+
+
+@pytest.fixture
+def upstream_routes() -> list[tuple[str, str, Any]]:
+    return [("POST", "/upload", _upload_hash)]
+
+
+@pytest_asyncio.fixture
+async def running(proxy_env: dict[str, str]) -> AsyncIterator[ProxyProcess]:
+    proxy = await spawn({**proxy_env, "PROXY_LOG_LEVEL": "DEBUG"})
+    await proxy.listening()
+    await wait_ready(proxy.url)
+    yield proxy
+    if proxy.process.returncode is None:
+        proxy.process.kill()
+        await proxy.wait()
+
+
+async def test_bad_configuration_exits_2_naming_every_problem(tmp_path: Path) -> None:
+    proxy = await spawn({"PORT": "99999", "AZURE_CERTIFICATE_PATH": str(tmp_path / "x.pem")})
+    assert await proxy.wait() == 2
+    assert "Missing required Azure AD configuration: AZURE_CLIENT_ID, AZURE_TENANT_ID" in proxy.log
+    assert "API_BASE_URL" in proxy.log
+    assert "PORT='99999' is invalid" in proxy.log
+    assert f"certificate file {tmp_path / 'x.pem'} does not exist" in proxy.log
+
+
+async def test_check_prints_identity_and_expiry_but_never_the_token(
+    proxy_env: dict[str, str], client_certificate: ClientCertificate, entra: EntraStandIn
+) -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aoai_auth_proxy",
+        "check",
+        env={"PATH": os.environ.get("PATH", ""), **proxy_env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    text = out.decode()
+    assert process.returncode == 0, err.decode()
+    for expected in (CLIENT_ID, TENANT_ID, "https://cognitiveservices.azure.com/.default"):
+        assert expected in text
+    assert client_certificate.thumbprint_sha1 in text
+    assert "token:        OK, expires" in text
+    assert entra.token_requests == 1
+    assert "eyJ" not in text + err.decode()  # no JWT of any kind
+
+
+async def test_check_fails_with_the_entra_error(
+    proxy_env: dict[str, str], entra: EntraStandIn
+) -> None:
+    env = {**proxy_env, "AZURE_CLIENT_ID": "11111111-2222-3333-4444-555555555555"}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aoai_auth_proxy",
+        "check",
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 1
+    assert "AADSTS700016" in err.decode()
+
+
+async def test_sigterm_lets_a_stream_finish_then_exits_0(
+    running: ProxyProcess, aoai: AzureOpenAIStandIn
+) -> None:
+    aoai.stream_delay = 0.2
+    body = {
+        "messages": [{"role": "user", "content": "one two three four five six"}],
+        "stream": True,
+    }
+    received = b""
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(running.url + CHAT, json=body) as response,
+    ):
+        first = await response.content.readany()
+        running.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        # no new connections once draining began
+        with pytest.raises(aiohttp.ClientConnectionError):
+            async with aiohttp.ClientSession() as other:
+                await other.get(running.url + "/health")
+        received = first + await response.content.read()
+    assert received.endswith(b"data: [DONE]\n\n")
+    assert await running.wait() == 0
+    assert "shutting down" in running.log
+
+
+async def test_upload_of_20_mb_streams_with_flat_memory(running: ProxyProcess) -> None:
+    assert running.process.pid is not None
+    process = psutil.Process(running.process.pid)
+    before = process.memory_info().rss
+    peak = before
+    chunk = os.urandom(256 * 1024)
+    digest = hashlib.sha256()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(80):  # 20 MiB
+            digest.update(chunk)
+            yield chunk
+
+    async def sample() -> None:
+        nonlocal peak
+        while True:
+            peak = max(peak, process.memory_info().rss)
+            await asyncio.sleep(0.01)
+
+    sampler = asyncio.create_task(sample())
+    try:
+        async with (
+            aiohttp.ClientSession() as client,
+            client.post(running.url + "/upload", data=body()) as response,
+        ):
+            result = await response.json()
+    finally:
+        sampler.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampler
+    assert result == {"sha256": digest.hexdigest()}
+    growth = peak - before
+    assert growth < 8 * 1024 * 1024, f"proxy RSS grew {growth / 2**20:.1f} MiB for a 20 MiB body"
+
+
+async def test_logs_carry_no_token_key_or_certificate(
+    running: ProxyProcess, aoai: AzureOpenAIStandIn, client_certificate: ClientCertificate
+) -> None:
+    async with aiohttp.ClientSession() as client:
+        for _ in range(3):
+            async with client.post(
+                running.url + CHAT + "&api-key=query-secret",
+                json={"messages": [{"role": "user", "content": "x"}]},
+                headers={"api-key": "header-secret"},
+            ) as response:
+                assert response.status == 200
+    running.process.send_signal(signal.SIGTERM)
+    assert await running.wait() == 0
+    token = (aoai.requests[-1].header("authorization") or "").removeprefix("Bearer ")
+    assert token
+    log = running.log
+    assert "POST /openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21 " in log
+    for secret in ("query-secret", "header-secret", token, token[:40], "PRIVATE KEY"):
+        assert secret not in log
+    key_line = client_certificate.pem.decode().splitlines()[-2]
+    assert key_line not in log

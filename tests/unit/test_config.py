@@ -1,0 +1,129 @@
+"""Settings from the environment: defaults, validation, and every problem named at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from aoai_auth_proxy.config import DEFAULT_SCOPE, load_settings
+from aoai_auth_proxy.errors import ConfigError
+
+
+def env(certificate_file: Path, **overrides: str) -> dict[str, str]:
+    base = {
+        "AZURE_CLIENT_ID": "client",
+        "AZURE_TENANT_ID": "tenant",
+        "AZURE_CERTIFICATE_PATH": str(certificate_file),
+        "API_BASE_URL": "https://res.openai.azure.com/",
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def problems(environment: dict[str, str]) -> tuple[str, ...]:
+    with pytest.raises(ConfigError) as raised:
+        load_settings(environment)
+    return raised.value.problems
+
+
+def test_defaults_match_the_contract(certificate_file: Path) -> None:
+    settings = load_settings(env(certificate_file))
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8080
+    assert settings.scope == DEFAULT_SCOPE == "https://cognitiveservices.azure.com/.default"
+    assert settings.authority_host == "https://login.microsoftonline.com"
+    assert settings.api_base_url == "https://res.openai.azure.com"
+    assert settings.upstream_host == "res.openai.azure.com"
+    assert settings.binds_loopback_only
+
+
+def test_settings_are_frozen(certificate_file: Path) -> None:
+    settings = load_settings(env(certificate_file))
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]
+
+
+def test_seed_variables_are_read(certificate_file: Path) -> None:
+    settings = load_settings(
+        env(
+            certificate_file,
+            HOST="0.0.0.0",
+            PORT="9000",
+            AZURE_SCOPE="https://cognitiveservices.azure.us/.default",
+            AZURE_AUTHORITY_HOST="login.microsoftonline.us",
+            API_BASE_URL="https://res.openai.azure.com:8443/openai/v1/",
+        )
+    )
+    assert (settings.host, settings.port) == ("0.0.0.0", 9000)
+    assert not settings.binds_loopback_only
+    assert settings.scope == "https://cognitiveservices.azure.us/.default"
+    assert settings.authority_host == "https://login.microsoftonline.us"
+    assert settings.api_base_url == "https://res.openai.azure.com:8443/openai/v1"
+    assert settings.upstream_host == "res.openai.azure.com:8443"
+
+
+def test_missing_required_variables_are_named_together() -> None:
+    found = problems({})
+    assert found[0] == (
+        "Missing required Azure AD configuration: "
+        "AZURE_CLIENT_ID, AZURE_TENANT_ID, AZURE_CERTIFICATE_PATH"
+    )
+    assert any("API_BASE_URL" in p for p in found)
+
+
+def test_every_invalid_value_is_reported_at_once(certificate_file: Path) -> None:
+    found = problems(
+        env(
+            certificate_file,
+            AZURE_CLIENT_ID="",
+            PORT="http",
+            API_BASE_URL="ftp://x",
+            AZURE_SCOPE="https://cognitiveservices.azure.com",
+            AZURE_AUTHORITY_HOST="http://login.example",
+            PROXY_READ_TIMEOUT="-1",
+            PROXY_LOG_LEVEL="LOUD",
+        )
+    )
+    joined = "\n".join(found)
+    for name in (
+        "AZURE_CLIENT_ID",
+        "PORT",
+        "API_BASE_URL",
+        "AZURE_SCOPE",
+        "AZURE_AUTHORITY_HOST",
+        "PROXY_READ_TIMEOUT",
+        "PROXY_LOG_LEVEL",
+    ):
+        assert name in joined
+    assert len(found) == 7
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "res.openai.azure.com",
+        "https://user:pw@res.openai.azure.com",
+        "https://res.openai.azure.com/?api-key=x",
+        "https://res.openai.azure.com:port",
+    ],
+)
+def test_bad_api_base_urls_are_refused(certificate_file: Path, url: str) -> None:
+    assert any("API_BASE_URL" in p for p in problems(env(certificate_file, API_BASE_URL=url)))
+
+
+def test_port_out_of_range(certificate_file: Path) -> None:
+    assert problems(env(certificate_file, PORT="70000")) == (
+        "PORT='70000' is invalid: must be between 0 and 65535",
+    )
+
+
+def test_certificate_problem_is_named_with_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    found = problems(env(missing))
+    assert found == (f"AZURE_CERTIFICATE_PATH: certificate file {missing} does not exist",)
+
+
+def test_ssl_cert_file_must_exist(certificate_file: Path, tmp_path: Path) -> None:
+    found = problems(env(certificate_file, SSL_CERT_FILE=str(tmp_path / "ca.pem")))
+    assert any("SSL_CERT_FILE" in p for p in found)
