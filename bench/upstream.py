@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import socket
 from dataclasses import dataclass, field
@@ -109,10 +110,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         await response.prepare(request)
         await response.write(FIRST_EVENT)
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(release.wait(), MAX_HOLD_SECONDS)
-        except TimeoutError:
-            pass
         await response.write(LAST_EVENTS)
         await response.write_eof()
         streams.completed += 1
@@ -166,10 +165,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
-    try:
+    with contextlib.suppress(KeyboardInterrupt, web.GracefulExit):
         asyncio.run(serve(args.port))
-    except (KeyboardInterrupt, web.GracefulExit):
-        pass
 
 
 if __name__ == "__main__":

@@ -81,7 +81,9 @@ class AccessLogger(AbstractAccessLogger):
         if upstream.error:
             fields["upstream_error"] = upstream.error
         text = " ".join(
-            f"{key}={value}" for key, value in fields.items() if key not in ("method", "path")
+            f"{key}={value}"
+            for key, value in fields.items()
+            if key not in ("method", "path") and value is not None
         )
         self.logger.info(
             "%s %s %s", fields["method"], fields["path"], text, extra={"access": fields}
