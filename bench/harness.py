@@ -35,6 +35,17 @@ class Pinning:
     description: str
 
 
+@dataclass(frozen=True)
+class Stack:
+    """What is running: the two base URLs under test and the processes behind them."""
+
+    direct_url: str
+    proxy_url: str
+    proxy: subprocess.Popen[bytes]
+    upstream: subprocess.Popen[bytes]
+    pinning: Pinning
+
+
 def cpu_pinning() -> Pinning:
     cpus = sorted(os.sched_getaffinity(0))
     taskset = shutil.which("taskset")
@@ -202,3 +213,42 @@ class PeakRss:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.peak_mb = max(self.peak_mb, rss_mb(self._pid))
+
+
+@dataclass(frozen=True)
+class _CpuSnapshot:
+    at: float
+    busy: float
+    steal: float
+    ours: float
+
+
+class CpuMeter:
+    """How much CPU processes outside the bench used while it measured: a noise gauge.
+
+    Busy time of the whole machine, minus this driver and its reaped children (wrk, the latency
+    client) and the long-running `pids` (proxy, upstream), is everyone else's load.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self._pids = tuple(pids)
+        self._start = self._snapshot()
+
+    def _snapshot(self) -> _CpuSnapshot:
+        machine = psutil.cpu_times()
+        busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        ours = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+        ours += sum(cpu_seconds(pid) for pid in self._pids)
+        return _CpuSnapshot(time.monotonic(), busy, machine.steal, ours)
+
+    def foreign(self) -> dict[str, float]:
+        """Since construction: other processes' and hypervisor steal CPU, in % of the machine."""
+        end = self._snapshot()
+        capacity = max(1e-9, (end.at - self._start.at) * (psutil.cpu_count() or 1))
+        foreign = max(0.0, (end.busy - self._start.busy) - (end.ours - self._start.ours))
+        return {
+            "other_processes_percent": 100 * foreign / capacity,
+            "steal_percent": 100 * (end.steal - self._start.steal) / capacity,
+        }

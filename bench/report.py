@@ -12,7 +12,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     def line(cells: Sequence[str]) -> str:
         first = cells[0].ljust(widths[0])
         rest = (cell.rjust(width) for cell, width in zip(cells[1:], widths[1:], strict=True))
-        return "  " + "  ".join([first, *rest])
+        return ("  " + "  ".join([first, *rest])).rstrip()
 
     return [line(header), "  " + "  ".join("-" * w for w in widths), *map(line, rows)]
 
@@ -33,6 +33,7 @@ def _throughput(results: Mapping[str, Any]) -> list[str]:
                 f"{proxy['proxy_cpu_percent']:.0f}%",
                 f"{proxy['upstream_cpu_percent']:.0f}%",
                 f"{direct['errors']} / {proxy['errors']}",
+                f"{max(direct['max_other_load_percent'], proxy['max_other_load_percent']):.0f}%",
             ]
         )
     header = [
@@ -45,12 +46,14 @@ def _throughput(results: Mapping[str, Any]) -> list[str]:
         "proxy CPU",
         "upstream CPU",
         "errors d/p",
+        "other load",
     ]
     return [
         f"Throughput: POST chat completion, {results['setup']['response_bytes']}-byte JSON "
         f"answer; wrk, mean of {options['rounds']} interleaved rounds x {options['seconds']:g} s",
         *_table(header, rows),
-        "  (CPU = share of one core during the proxy runs; errors = wrk socket errors + non-2xx)",
+        "  (CPU: share of one core during the proxy runs; errors: wrk socket errors + non-2xx;",
+        "   other load: worst share of the machine used by processes outside the bench in a run)",
     ]
 
 
@@ -82,33 +85,55 @@ def _latency(results: Mapping[str, Any]) -> list[str]:
 
 
 def _memory(results: Mapping[str, Any]) -> list[str]:
-    streams = results["streams"]
-    peak_64 = max(s["proxy"]["proxy_peak_rss_mb"] for s in results["throughput"].values())
-    cancelled = streams["upstream_cancelled_seconds"]
-    cancel_text = "never (within 10 s)" if cancelled is None else f"within {cancelled:.2f} s"
+    peak = max(s["proxy"]["proxy_peak_rss_mb"] for s in results["throughput"].values())
     rows = [
         ["at rest, token held (after start-up)", f"{results['rest_mb']:.1f}", ""],
-        ["peak during the wrk runs", f"{peak_64:.1f}", ""],
-        ["at rest, just before the streams", f"{streams['rest_before_mb']:.1f}", ""],
-        [
-            f"{streams['first_events']} SSE streams open",
-            f"{streams['open_mb']:.1f}",
-            f"+{streams['kb_per_stream']:.1f} KB/stream",
-        ],
-        ["after the streams ended", f"{streams['after_mb']:.1f}", ""],
+        ["peak during the wrk runs", f"{peak:.1f}", ""],
     ]
+    for number, streams in enumerate(results["streams"], start=1):
+        rows += [
+            [f"round {number}: at rest before the streams", f"{streams['rest_before_mb']:.1f}", ""],
+            [
+                f"round {number}: {streams['first_events']} SSE streams open",
+                f"{streams['open_mb']:.1f}",
+                f"+{streams['kb_per_stream']:.1f} KB per stream",
+            ],
+            [f"round {number}: after the streams ended", f"{streams['after_mb']:.1f}", ""],
+        ]
     return [
-        "Memory: proxy RSS",
+        "Memory: proxy RSS (KB per stream = open minus rest before, over the streams open)",
         *_table(["", "MB", ""], rows),
-        f"  streams: {streams['opened_200']}/{streams['requested']} answered 200, "
-        f"{streams['first_events']} first events read in {streams['open_seconds']:.1f} s, "
-        f"{streams['upstream_open']} open upstream; failures {streams['failures'] or 'none'}",
-        f"  {streams['client_closed']} closed by their client -> proxy cancelled them upstream "
-        f"{cancel_text}; {streams['released']} released upstream -> "
-        f"{streams['completed']} read to [DONE]",
-        f"  afterwards: /health {streams['health_after']}, chat completion "
-        f"{streams['chat_after']}, upstream streams {streams['upstream_after']}",
+        *(
+            f"  {'round ' + str(n) + ':' if i == 0 else ''}".ljust(12) + line
+            for n, streams in enumerate(results["streams"], start=1)
+            for i, line in enumerate(_streams_outcome(streams))
+        ),
     ]
+
+
+def _streams_outcome(streams: Mapping[str, Any]) -> list[str]:
+    cancelled = streams["upstream_cancelled_seconds"]
+    cancel_text = "NOT within 10 s" if cancelled is None else f"within {cancelled:.2f} s"
+    return [
+        f"{streams['opened_200']}/{streams['requested']} answered 200, "
+        f"{streams['first_events']} first events read in {streams['open_seconds']:.1f} s, "
+        f"{streams['upstream_open']} open upstream, failures: {streams['failures'] or 'none'}",
+        f"{streams['client_closed']} closed by their client -> cancelled upstream {cancel_text}; "
+        f"{streams['released']} released -> {streams['completed']} read to [DONE]",
+        f"then /health {streams['health_after']}, chat completion {streams['chat_after']}, "
+        f"upstream streams {streams['upstream_after']}",
+    ]
+
+
+def _noise(results: Mapping[str, Any]) -> str:
+    noise = results["noise"]
+    latency = results["latency"]["noise"]
+    worst = max(s["proxy"]["max_other_load_percent"] for s in results["throughput"].values())
+    return (
+        f"machine noise: other processes used {noise['other_processes_percent']:.0f}% of the "
+        f"machine over the whole bench (latency phase {latency['other_processes_percent']:.0f}%, "
+        f"worst proxy wrk run {worst:.0f}%), hypervisor steal {noise['steal_percent']:.1f}%"
+    )
 
 
 def format_report(results: Mapping[str, Any]) -> str:
@@ -130,6 +155,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         "",
         *_memory(results),
         "",
+        _noise(results),
         f"proxy log: {results['proxy_log_lines']} line(s) at WARNING or above",
         *(f"  | {line}" for line in results["proxy_log_head"]),
         f"bench took {results['duration_seconds']:.0f} s",

@@ -1,6 +1,6 @@
 """Benchmark the proxy against direct calls to the same upstream, as ratios measured in one run.
 
-    .venv/bin/python bench/run.py        (what `make bench` runs; about a minute and a half)
+    .venv/bin/python bench/run.py        (what `make bench` runs; about 80 seconds)
 
 Starts a local Entra stand-in (in this process), a fast plain-HTTP upstream (bench/upstream.py)
 and the proxy exactly as users run it (`python -m aoai_auth_proxy`), then measures throughput
@@ -21,30 +21,29 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import aiohttp
-import psutil
 from harness import (
     BENCH_DIR,
     PYTHON,
-    PeakRss,
+    CpuMeter,
     Pinning,
     Processes,
+    Stack,
     cpu_pinning,
-    cpu_seconds,
     free_port,
     raise_open_files_limit,
     read_ready_line,
-    rss_mb,
     wait_healthy,
 )
-from load import hold_streams, run_latency, run_wrk, wrk_script
+from load import wrk_script
+from phases import measure_latency, measure_streams, measure_throughput, settled_rss
 from report import format_report
-from workload import CHAT_BODY, CHAT_PATH, HEADERS
+from upstream import COMPLETION_BODY
 
 # The package has no py.typed marker yet: `mypy bench` alone sees it as untyped, a full `mypy`
 # run (src is in `files`) does not, hence both codes.
@@ -70,6 +69,7 @@ class Options:
     latency_count: int
     latency_warmup: int
     streams: int
+    stream_rounds: int
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -81,6 +81,9 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser.add_argument("--latency-count", type=int, default=2000)
     parser.add_argument("--latency-warmup", type=int, default=200)
     parser.add_argument("--streams", type=int, default=500)
+    parser.add_argument(
+        "--stream-rounds", type=int, default=2, help="a second round shows memory not returned"
+    )
     args = parser.parse_args(argv)
     return Options(
         connections=tuple(args.connections),
@@ -90,18 +93,8 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         latency_count=args.latency_count,
         latency_warmup=args.latency_warmup,
         streams=args.streams,
+        stream_rounds=args.stream_rounds,
     )
-
-
-@dataclass(frozen=True)
-class Stack:
-    """What is running: the two base URLs under test and the pids behind them."""
-
-    direct_url: str
-    proxy_url: str
-    proxy: subprocess.Popen[bytes]
-    upstream: subprocess.Popen[bytes]
-    pinning: Pinning
 
 
 def proxy_environment(
@@ -127,168 +120,6 @@ def proxy_environment(
         "PROXY_LOG_LEVEL": PROXY_LOG_LEVEL,
         "NO_PROXY": "127.0.0.1,localhost",
     }
-
-
-async def settled_rss(pid: int, samples: int = 4, interval: float = 0.25) -> float:
-    """The largest of a few RSS samples, so a measurement does not catch a momentary dip."""
-    peak = 0.0
-    for _ in range(samples):
-        await asyncio.sleep(interval)
-        peak = max(peak, rss_mb(pid))
-    return peak
-
-
-async def measure_latency(processes: Processes, stack: Stack, options: Options) -> dict[str, Any]:
-    direct, proxy = await run_latency(
-        processes,
-        stack.pinning.load,
-        [stack.direct_url, stack.proxy_url],
-        count=options.latency_count,
-        warmup=options.latency_warmup,
-    )
-    result: dict[str, Any] = {"direct": direct, "proxy": proxy}
-    for stat in ("p50_us", "p99_us"):
-        d, p = float(direct[stat]), float(proxy[stat])
-        result[stat.replace("_us", "")] = {"added_us": p - d, "ratio": p / d}
-    return result
-
-
-async def measure_throughput(
-    processes: Processes, stack: Stack, options: Options, workdir: Path
-) -> dict[str, Any]:
-    script = wrk_script(workdir / "post.lua")
-    targets = {"direct": stack.direct_url, "proxy": stack.proxy_url}
-    for url in targets.values():  # warm both paths, connection pools and allocators
-        await run_wrk(
-            processes,
-            stack.pinning.load,
-            script,
-            url,
-            connections=max(options.connections),
-            seconds=options.warmup_seconds,
-        )
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for round_index in range(options.rounds):
-        order = list(targets) if round_index % 2 == 0 else list(reversed(targets))
-        for connections in options.connections:
-            for name in order:
-                proxy_cpu, upstream_cpu = (
-                    cpu_seconds(stack.proxy.pid),
-                    cpu_seconds(stack.upstream.pid),
-                )
-                async with PeakRss(stack.proxy.pid) as rss:
-                    result = await run_wrk(
-                        processes,
-                        stack.pinning.load,
-                        script,
-                        targets[name],
-                        connections=connections,
-                        seconds=options.seconds,
-                    )
-                run = asdict(result) | {
-                    "proxy_cpu_percent": 100
-                    * (cpu_seconds(stack.proxy.pid) - proxy_cpu)
-                    / options.seconds,
-                    "upstream_cpu_percent": 100
-                    * (cpu_seconds(stack.upstream.pid) - upstream_cpu)
-                    / options.seconds,
-                    "proxy_peak_rss_mb": rss.peak_mb,
-                }
-                runs.setdefault(f"{name}/{connections}", []).append(run)
-    return {str(c): _throughput_summary(runs, c) for c in options.connections}
-
-
-def _throughput_summary(
-    runs: Mapping[str, list[dict[str, Any]]], connections: int
-) -> dict[str, Any]:
-    def mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values)
-
-    summary: dict[str, Any] = {}
-    for name in ("direct", "proxy"):
-        measured = runs[f"{name}/{connections}"]
-        summary[name] = {
-            "requests_per_second": mean([r["requests_per_second"] for r in measured]),
-            "p50_us": mean([r["p50_us"] for r in measured]),
-            "p99_us": mean([r["p99_us"] for r in measured]),
-            "errors": sum(r["socket_errors"] + r["non_2xx"] for r in measured),
-            "proxy_cpu_percent": mean([r["proxy_cpu_percent"] for r in measured]),
-            "upstream_cpu_percent": mean([r["upstream_cpu_percent"] for r in measured]),
-            "proxy_peak_rss_mb": max(r["proxy_peak_rss_mb"] for r in measured),
-            "runs": measured,
-        }
-    summary["ratio"] = (
-        summary["proxy"]["requests_per_second"] / summary["direct"]["requests_per_second"]
-    )
-    return summary
-
-
-async def upstream_stats(session: aiohttp.ClientSession, stack: Stack) -> dict[str, int]:
-    async with session.get(stack.direct_url + "/bench/stats") as response:
-        stats: dict[str, int] = await response.json()
-        return stats
-
-
-async def wait_upstream_open(
-    session: aiohttp.ClientSession, stack: Stack, at_most: int, within: float
-) -> float | None:
-    """Seconds until the upstream holds at most `at_most` open streams, None if not `within`."""
-    started = time.monotonic()
-    try:
-        async with asyncio.timeout(within):
-            # Another process's state: polling is the only way to observe it.
-            while (await upstream_stats(session, stack))["open"] > at_most:  # noqa: ASYNC110
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        return None
-    return time.monotonic() - started
-
-
-async def chat_status(session: aiohttp.ClientSession, base_url: str) -> int:
-    async with session.post(base_url + CHAT_PATH, data=CHAT_BODY, headers=dict(HEADERS)) as r:
-        await r.read()
-        return r.status
-
-
-async def measure_streams(
-    session: aiohttp.ClientSession, stack: Stack, options: Options
-) -> dict[str, Any]:
-    """Hold N streams open through the proxy; half are then closed by their clients (the
-    proxy must cancel those upstream), the other half released upstream and read to the end."""
-    pid = stack.proxy.pid
-    rest_mb = await settled_rss(pid)
-    async with hold_streams(stack.proxy_url, options.streams) as held:
-        upstream_open = (await upstream_stats(session, stack))["open"]
-        open_mb = await settled_rss(pid)
-        aborted = await held.abort(len(held.responses) // 2)
-        cancelled_in = await wait_upstream_open(session, stack, upstream_open - aborted, within=10)
-        async with session.post(stack.direct_url + "/bench/release") as response:
-            released = (await response.json())["released"]
-        async with asyncio.timeout(30):
-            completed = await held.drain()
-        result = {
-            "requested": held.requested,
-            "opened_200": held.statuses.get(200, 0),
-            "statuses": {str(k): v for k, v in held.statuses.items()},
-            "failures": dict(held.failures),
-            "first_events": held.first_events,
-            "open_seconds": held.open_seconds,
-            "upstream_open": upstream_open,
-            "client_closed": aborted,
-            "upstream_cancelled_seconds": cancelled_in,
-            "released": released,
-            "completed": completed,
-            "rest_before_mb": rest_mb,
-            "open_mb": open_mb,
-            "kb_per_stream": (open_mb - rest_mb) * 1024 / max(1, held.first_events),
-        }
-    await asyncio.sleep(1.0)
-    async with session.get(stack.proxy_url + "/health") as response:
-        result["health_after"] = response.status
-    result["chat_after"] = await chat_status(session, stack.proxy_url)
-    result["after_mb"] = await settled_rss(pid)
-    result["upstream_after"] = await upstream_stats(session, stack)
-    return result
 
 
 async def start_stack(
@@ -321,13 +152,27 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
     async with EntraStandIn(ca) as entra, aiohttp.ClientSession() as session:
         stack = await start_stack(processes, pinning, workdir, entra, ca)
         ready_seconds = await wait_healthy(session, stack.proxy_url + "/health", stack.proxy)
-        rest_mb = await settled_rss(stack.proxy.pid, samples=4)
-        print("measuring latency ...", file=sys.stderr, flush=True)
-        latency = await measure_latency(processes, stack, options)
-        print("measuring throughput with wrk ...", file=sys.stderr, flush=True)
-        throughput = await measure_throughput(processes, stack, options, workdir)
-        print(f"holding {options.streams} SSE streams ...", file=sys.stderr, flush=True)
-        streams = await measure_streams(session, stack, options)
+        meter = CpuMeter([stack.proxy.pid, stack.upstream.pid])
+        rest_mb = await settled_rss(stack.proxy.pid)
+        _progress("sequential latency")
+        latency = await measure_latency(
+            processes, stack, count=options.latency_count, warmup=options.latency_warmup
+        )
+        _progress("throughput with wrk")
+        throughput = await measure_throughput(
+            processes,
+            stack,
+            wrk_script(workdir / "post.lua"),
+            connections=options.connections,
+            seconds=options.seconds,
+            warmup_seconds=options.warmup_seconds,
+            rounds=options.rounds,
+        )
+        streams = []
+        for round_index in range(options.stream_rounds):
+            _progress(f"{options.streams} SSE streams, round {round_index + 1}")
+            streams.append(await measure_streams(session, stack, count=options.streams))
+        noise = meter.foreign()
         token_requests = entra.token_requests
     proxy_log = (workdir / "proxy.log").read_text(errors="replace").splitlines()
     return {
@@ -336,15 +181,15 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "aiohttp": aiohttp.__version__,
-            "psutil": psutil.__version__,
             "open_files_limit": open_files,
         },
         "setup": {
             "load_generator": "wrk -t1 (throughput), bench/latency.py http.client (latency)",
             "pinning": pinning.description,
             "proxy_log_level": PROXY_LOG_LEVEL,
-            "upstream": "bench/upstream.py, aiohttp web server, access log off",
-            "response_bytes": 600,
+            "upstream": "bench/upstream.py, aiohttp web server (httptools is not installed), "
+            "access log off",
+            "response_bytes": len(COMPLETION_BODY),
         },
         "options": asdict(options),
         "proxy_ready_seconds": ready_seconds,
@@ -353,10 +198,15 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
         "latency": latency,
         "throughput": throughput,
         "streams": streams,
+        "noise": noise,
         "proxy_log_lines": len(proxy_log),
         "proxy_log_head": proxy_log[:10],
         "duration_seconds": time.monotonic() - started,
     }
+
+
+def _progress(phase: str) -> None:
+    print(f"bench: {phase} ...", file=sys.stderr, flush=True)
 
 
 def _terminate(signum: int, frame: object) -> NoReturn:

@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from aiohttp import web
 
 from .config import Settings
-from .credentials import EntraTokenFetcher, RefreshingTokenSource, TokenSource
+from .credentials import RefreshingTokenSource, TokenSource
 from .errors import ProxyError
 from .forwarding import redact_target
 from .health import Lifecycle, health_routes
 from .logs import ACCESS_LOGGER, AccessLogger
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
+from .signin import EntraTokenFetcher
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def default_token_source(settings: Settings) -> RefreshingTokenSource:
-    """Certificate client credentials against Entra ID, refreshed in the background."""
+    """The configured Entra ID sign-in, its token refreshed in the background."""
     fetcher = EntraTokenFetcher(settings, client_ssl_context(settings.ca_file))
     return RefreshingTokenSource(fetcher, fetch_timeout=settings.token_timeout)
 

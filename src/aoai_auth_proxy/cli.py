@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import logging
 import os
 import signal
@@ -15,12 +16,12 @@ from collections.abc import Callable, Mapping, Sequence
 from aiohttp import web
 
 from .app import LIFECYCLE, TOKEN_SOURCE, app_runner, create_app
-from .certificate import load_client_certificate
 from .config import Settings, load_settings
-from .credentials import EntraTokenFetcher
 from .errors import ConfigError, TokenAcquisitionError
+from .identity import CredentialKind
 from .logs import configure_logging
 from .outbound import client_ssl_context
+from .signin import EntraTokenFetcher
 
 log = logging.getLogger("aoai_auth_proxy")
 
@@ -73,16 +74,29 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
 async def check(settings: Settings) -> int:
     """Print who we are, what we ask for and until when the token is valid; never the token."""
-    certificate = load_client_certificate(settings.certificate_path)
-    print(f"client id:    {settings.client_id}")
-    print(f"tenant id:    {settings.tenant_id}")
-    print(f"authority:    {settings.authority_host}")
-    print(f"scope:        {settings.scope}")
-    print(f"certificate:  {certificate.path} ({certificate.subject})")
-    print(f"  thumbprint: {certificate.thumbprint_sha1} (SHA-1)")
-    print(f"  expires:    {certificate.not_after.isoformat()}")
-    print(f"upstream:     {settings.api_base_url}")
+    identity = settings.identity
     fetcher = EntraTokenFetcher(settings, client_ssl_context(settings.ca_file))
+    print(f"credential:   {identity.kind.value}")
+    print(f"client id:    {identity.client_id or '(system-assigned managed identity)'}")
+    if identity.kind is not CredentialKind.MANAGED_IDENTITY:
+        print(f"tenant id:    {identity.tenant_id}")
+        print(f"authority:    {settings.authority_host}")
+    print(f"scope:        {settings.scope}")
+    if identity.kind is CredentialKind.CERTIFICATE:
+        certificate = fetcher.certificate()
+        print(f"certificate:  {certificate.path} ({certificate.subject})")
+        print(f"  thumbprint: {certificate.thumbprint_sha1} (SHA-1)")
+        days = (certificate.not_after - dt.datetime.now(dt.UTC)).days
+        soon = "  <- renew it now" if certificate.expires_soon() else ""
+        print(f"  expires:    {certificate.not_after.isoformat()} (in {days} days){soon}")
+        if identity.send_certificate_chain:
+            print(f"  chain:      sent as x5c ({len(certificate.chain)} issuer(s) in the file)")
+    elif identity.kind is CredentialKind.SECRET and identity.client_secret:
+        source = identity.client_secret.path or "AZURE_CLIENT_SECRET"
+        print(f"secret:       from {source}")
+    elif identity.kind is CredentialKind.WORKLOAD_IDENTITY:
+        print(f"token file:   {identity.federated_token_file}")
+    print(f"upstream:     {settings.api_base_url}")
     try:
         token = await asyncio.wait_for(fetcher.fetch(), settings.token_timeout)
     except (TokenAcquisitionError, TimeoutError) as exc:
@@ -148,12 +162,17 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
                 "can spend this identity's Azure OpenAI quota",
                 settings.host,
             )
-        log.info(
-            "listening on %s, forwarding to %s as client %s",
-            site.name,
-            settings.api_base_url,
-            settings.client_id,
-        )
+        log.info("listening on %s, forwarding to %s", site.name, settings.api_base_url)
+        log.info("signing in to Entra ID as %s", settings.identity.describe())
+        if settings.identity.kind is CredentialKind.CERTIFICATE:
+            certificate = settings.identity.load_certificate()
+            expiring = "; it expires soon" if certificate.expires_soon() else ""
+            log.log(
+                logging.WARNING if expiring else logging.INFO,
+                "certificate: %s%s",
+                certificate.describe(),
+                expiring,
+            )
         if on_ready is not None:
             await _wait_for_first_token(app, stop)
             if not stop.is_set():

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
-from .certificate import CertificateError, load_client_certificate
 from .errors import ConfigError
+from .identity import Identity, load_identity
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -26,16 +26,12 @@ DEFAULT_TOKEN_TIMEOUT_SECONDS = 30.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
-REQUIRED_AZURE_AD = ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CERTIFICATE_PATH")
-
 
 @dataclass(frozen=True)
 class Settings:
     """Everything the proxy is configured with. Build it with `load_settings`."""
 
-    client_id: str
-    tenant_id: str
-    certificate_path: Path
+    identity: Identity
     api_base_url: str  # scheme://host[:port][/prefix], no trailing slash
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -65,7 +61,7 @@ class Settings:
 _T = TypeVar("_T")
 
 
-def load_settings(env: Mapping[str, str], *, check_certificate: bool = True) -> Settings:
+def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settings:
     """Build Settings from `env` (normally os.environ) or raise ConfigError naming every problem."""
     problems: list[str] = []
 
@@ -82,9 +78,7 @@ def load_settings(env: Mapping[str, str], *, check_certificate: bool = True) -> 
             problems.append(f"{name}={raw!r} is invalid: {exc}")
             return default
 
-    missing = [name for name in REQUIRED_AZURE_AD if not get(name)]
-    if missing:
-        problems.append(f"Missing required Azure AD configuration: {', '.join(missing)}")
+    identity = load_identity(env, problems, check_files=check_files)
 
     api_base_url = ""
     if not get("API_BASE_URL"):
@@ -95,21 +89,12 @@ def load_settings(env: Mapping[str, str], *, check_certificate: bool = True) -> 
     else:
         api_base_url = parse("API_BASE_URL", "", _base_url)
 
-    certificate_path = Path(get("AZURE_CERTIFICATE_PATH"))
-    if check_certificate and get("AZURE_CERTIFICATE_PATH"):
-        try:
-            load_client_certificate(certificate_path)
-        except CertificateError as exc:
-            problems.append(f"AZURE_CERTIFICATE_PATH: {exc}")
-
     ca_file = Path(get("SSL_CERT_FILE")) if get("SSL_CERT_FILE") else None
     if ca_file is not None and not ca_file.is_file():
         problems.append(f"SSL_CERT_FILE={str(ca_file)!r} is not a readable file")
 
     settings = Settings(
-        client_id=get("AZURE_CLIENT_ID"),
-        tenant_id=get("AZURE_TENANT_ID"),
-        certificate_path=certificate_path,
+        identity=identity,
         api_base_url=api_base_url,
         host=get("HOST") or DEFAULT_HOST,
         port=parse("PORT", DEFAULT_PORT, _port),

@@ -1,4 +1,4 @@
-"""Entra ID tokens: the TokenSource seam, the certificate fetcher, and the refresh loop.
+"""Entra ID tokens: the TokenSource seam, refresh timing and the single-flight refresh loop.
 
 Invariants of RefreshingTokenSource:
 - at most one token request to Entra is in flight at any time (single flight);
@@ -14,21 +14,13 @@ import asyncio
 import contextlib
 import logging
 import random
-import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
-from azure.core.exceptions import AzureError, ClientAuthenticationError
-from azure.core.pipeline.transport import AioHttpTransport
-from azure.identity.aio import CertificateCredential
-
-from .certificate import CertificateError, load_client_certificate
-from .config import Settings
 from .errors import NoValidToken, TokenAcquisitionError
-from .outbound import client_session
 
 log = logging.getLogger(__name__)
 
@@ -115,61 +107,6 @@ def retry_delay(failures: int, jitter: float) -> float:
     """Exponential backoff after `failures` consecutive failures (>= 1), jittered to 50-100%."""
     ceiling = min(RETRY_MAX_SECONDS, RETRY_BASE_SECONDS * 2.0 ** (failures - 1))
     return ceiling * (0.5 + 0.5 * jitter)
-
-
-class EntraTokenFetcher:
-    """Client-credentials flow with a certificate, through azure-identity's async credential.
-
-    A new credential per fetch reads the certificate file afresh, so a certificate rotated in
-    its Kubernetes Secret is used for the next fetch with no restart; caching and refresh timing
-    are RefreshingTokenSource's job, not the credential's.
-    """
-
-    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext) -> None:
-        self._settings = settings
-        self._ssl_context = ssl_context
-
-    async def fetch(self) -> Token:
-        settings = self._settings
-        try:
-            certificate = load_client_certificate(settings.certificate_path)
-        except CertificateError as exc:
-            raise TokenAcquisitionError(str(exc)) from None
-        started = time.time()
-        try:
-            # A session per fetch (one every half hour or so) keeps the token path free of
-            # long-lived state; the system store plus SSL_CERT_FILE is trusted, as upstream.
-            async with client_session(self._ssl_context) as session:
-                credential = CertificateCredential(
-                    settings.tenant_id,
-                    settings.client_id,
-                    certificate_data=certificate.pem,
-                    authority=settings.authority_host,
-                    transport=AioHttpTransport(session=session, session_owner=False),
-                )
-                async with credential:
-                    info = await credential.get_token_info(settings.scope)
-        except ClientAuthenticationError as exc:
-            raise TokenAcquisitionError(_entra_message(exc)) from exc
-        except AzureError as exc:
-            raise TokenAcquisitionError(
-                f"cannot reach Entra ID at {settings.authority_host}: {exc.message}"
-            ) from exc
-        return Token(
-            value=info.token,
-            expires_on=float(info.expires_on),
-            fetched_at=started,
-            refresh_on=float(info.refresh_on) if info.refresh_on else None,
-        )
-
-
-def _entra_message(exc: ClientAuthenticationError) -> str:
-    # azure-identity prefixes "CertificateCredential.get_token_info failed: " and appends
-    # Entra's trace lines; keep the AADSTS sentence, which is what operators search for.
-    message = str(exc.message or exc)
-    _, _, tail = message.partition("failed: ")
-    text = tail or message
-    return text.split("\r\n")[0].split("\nTrace ID")[0].strip()
 
 
 class RefreshingTokenSource:

@@ -1,17 +1,18 @@
-"""A local Microsoft Entra ID token service that checks client assertions as strictly as Entra."""
+"""A local Microsoft Entra ID token service that checks client credentials as strictly as Entra."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import datetime as dt
 import secrets
 import time
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
+from urllib.parse import unquote_plus
 
 import jwt
 from aiohttp import web
@@ -20,53 +21,34 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
+from ._aadsts import Failure, Rejected, error_response, invalid_client, reject
+from ._client_auth import (
+    AppRegistration,
+    FederatedCredential,
+    Secret,
+    TrustedRoot,
+    b64url_digest,
+    verify_certificate_assertion,
+    verify_federated_assertion,
+    verify_secret,
+)
 from ._server import LocalServer, certificate_hosts
+from .kubernetes import TOKEN_EXCHANGE_AUDIENCE, KubernetesIssuer
 from .pki import RSA_KEY_BITS, CertificateAuthority
 
 JWT_BEARER_ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-# azure-identity signs with PS256 (x5t#S256); ADFS-style and older clients with RS256 (x5t).
-ASSERTION_ALGORITHMS = ("PS256", "RS256")
-# Seconds of clock difference tolerated between the client and the token service for `nbf`.
-CLOCK_SKEW = 60.0
 DEFAULT_SCOPE_SUFFIX = "/.default"
 # Real Entra access tokens are about 1.5 KB; padding to that size keeps header-size limits honest.
 ACCESS_TOKEN_TARGET_BYTES = 1500
+# `appidacr` in an access token: how the client authenticated.
+APPIDACR_SECRET = "1"  # noqa: S105 - a claim value, not a secret
+APPIDACR_CERTIFICATE = "2"  # also assertions of any kind, and managed identities
+# JWT headers that mark a client assertion as certificate-signed rather than federated.
+_CERTIFICATE_HEADERS = ("x5t", "x5t#S256", "x5c")
 
 
 class InvalidAccessToken(Exception):
     """`EntraStandIn.verify_access_token` refused a token; the message says why."""
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """One token request answered with an error, in Entra's JSON shape."""
-
-    status: int
-    error: str
-    code: int
-    message: str
-
-
-class _Rejected(Exception):
-    def __init__(self, failure: _Failure) -> None:
-        super().__init__(failure.message)
-        self.failure = failure
-
-
-def _reject(status: int, error: str, code: int, message: str) -> _Rejected:
-    return _Rejected(_Failure(status, error, code, message))
-
-
-def _b64url_digest(data: bytes, algorithm: hashes.HashAlgorithm) -> str:
-    digest = hashes.Hash(algorithm)
-    digest.update(data)
-    return base64.urlsafe_b64encode(digest.finalize()).decode("ascii").rstrip("=")
-
-
-def _thumbprints(certificate: x509.Certificate) -> tuple[str, str]:
-    """(x5t, x5t#S256) as a JWT header carries them (RFC 7515 4.1.7/4.1.8), without padding."""
-    der = certificate.public_bytes(serialization.Encoding.DER)
-    return _b64url_digest(der, hashes.SHA1()), _b64url_digest(der, hashes.SHA256())  # noqa: S303
 
 
 def _form_value(form: Mapping[str, Any], name: str) -> str | None:
@@ -77,7 +59,7 @@ def _form_value(form: Mapping[str, Any], name: str) -> str | None:
 def _require(form: Mapping[str, Any], name: str) -> str:
     value = _form_value(form, name)
     if value is None:
-        raise _reject(
+        raise reject(
             400,
             "invalid_request",
             900144,
@@ -86,14 +68,35 @@ def _require(form: Mapping[str, Any], name: str) -> str:
     return value
 
 
-class EntraStandIn:
-    """Serves `POST /{tenant}/oauth2/v2.0/token` for client credentials with a certificate,
-    plus the OpenID metadata and keys that MSAL (the sync azure-identity stack) looks up.
+def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
+    """RFC 6749 2.3.1 `client_secret_basic`: (client_id, secret) from `Authorization: Basic`,
+    each form-urlencoded before base64, so neither can hide a ':'."""
+    scheme, _, encoded = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError) as exc:
+        raise invalid_client(7000218, "The Authorization header is malformed.") from exc
+    client_id, colon, secret = decoded.partition(":")
+    if not colon:
+        raise invalid_client(7000218, "The Authorization header is malformed.")
+    return unquote_plus(client_id), unquote_plus(secret)
 
-    Register apps with `register_client()`. Test knobs, all plain attributes or methods:
-    `token_lifetime` (seconds, settable; negative issues already-expired tokens), `delay`
-    (seconds slept before answering each token request), `fail_next()` (script errors),
-    `token_requests` (token POSTs received), `issued` (claims of every token issued, in order).
+
+class EntraStandIn:
+    """Serves `POST /{tenant}/oauth2/v2.0/token` for the client credentials grant, plus the
+    OpenID metadata and keys that MSAL (the sync azure-identity stack) looks up.
+
+    An app (client id) signs in with any credential registered for it:
+    `register_client()` (a certificate, by thumbprint), `register_secret()`,
+    `register_trusted_root()` (subject name and issuer: an `x5c` chain up to a trusted root) and
+    `register_federated_credential()` (a Kubernetes service-account token). Test knobs, all plain
+    attributes or methods: `token_lifetime` (seconds, settable; negative issues already-expired
+    tokens), `delay` (seconds slept before answering each token request), `fail_next()` (script
+    errors), `token_requests` (token POSTs received), `issued` (claims of every token issued,
+    in order, managed identity tokens included), `seen_thumbprints` (SHA-256 thumbprint, hex
+    upper case, of the certificate behind each accepted certificate assertion).
     """
 
     def __init__(
@@ -108,14 +111,15 @@ class EntraStandIn:
         self.delay = 0.0
         self.token_requests = 0
         self.issued: list[dict[str, Any]] = []
-        self._tenants: dict[str, dict[str, list[x509.Certificate]]] = {}
+        self.seen_thumbprints: list[str] = []
+        self._tenants: dict[str, dict[str, AppRegistration]] = {}
         self._failures_left = 0
-        self._failure = _Failure(500, "temporarily_unavailable", 50001, "")
+        self._failure = Failure(500, "temporarily_unavailable", 50001, "")
         self._signing_key = rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
         public_der = self._signing_key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        self._key_id = _b64url_digest(public_der, hashes.SHA1())  # noqa: S303 - an identifier
+        self._key_id = b64url_digest(public_der, hashes.SHA1())  # noqa: S303 - an identifier
         server_certificate = ca.issue_server_certificate(certificate_hosts(host))
         app = web.Application()
         app.router.add_post("/{tenant}/oauth2/v2.0/token", self._token)
@@ -160,11 +164,14 @@ class EntraStandIn:
 
     # -- registrations and knobs ----------------------------------------------------------
 
+    def _app(self, tenant_id: str, client_id: str) -> AppRegistration:
+        return self._tenants.setdefault(tenant_id, {}).setdefault(client_id, AppRegistration())
+
     def register_client(
         self, tenant_id: str, client_id: str, certificate: x509.Certificate
     ) -> None:
         """Add a certificate to an app registration; an app may hold several (rotation)."""
-        certificates = self._tenants.setdefault(tenant_id, {}).setdefault(client_id, [])
+        certificates = self._app(tenant_id, client_id).certificates
         if certificate not in certificates:
             certificates.append(certificate)
 
@@ -172,7 +179,62 @@ class EntraStandIn:
         self, tenant_id: str, client_id: str, certificate: x509.Certificate
     ) -> None:
         """Remove a certificate from an app registration (the end of a rotation)."""
-        self._tenants[tenant_id][client_id].remove(certificate)
+        self._tenants[tenant_id][client_id].certificates.remove(certificate)
+
+    def register_secret(
+        self,
+        tenant_id: str,
+        client_id: str,
+        secret: str,
+        *,
+        not_after: dt.datetime | None = None,
+    ) -> None:
+        """Add a client secret to an app registration; an app may hold several (rotation).
+        A secret past `not_after` is refused with AADSTS7000222."""
+        if not secret:
+            raise ValueError("a client secret must not be empty")
+        app = self._app(tenant_id, client_id)
+        app.secrets = [s for s in app.secrets if s.value != secret]
+        app.secrets.append(Secret(secret, not_after))
+
+    def revoke_secret(self, tenant_id: str, client_id: str, secret: str) -> None:
+        """Remove a client secret from an app registration (the end of a rotation)."""
+        app = self._tenants[tenant_id][client_id]
+        remaining = [s for s in app.secrets if s.value != secret]
+        if len(remaining) == len(app.secrets):
+            raise ValueError("that secret is not registered for this app")
+        app.secrets = remaining
+
+    def register_trusted_root(
+        self, tenant_id: str, client_id: str, root: x509.Certificate, subject: str
+    ) -> None:
+        """Subject name and issuer: accept assertions whose `x5c` chain (leaf first) reaches
+        `root`, directly or through intermediates, with a leaf whose subject is `subject`
+        (its RFC 4514 string, e.g. `CN=my-app`, or just the common name)."""
+        roots = self._app(tenant_id, client_id).trusted_roots
+        trusted = TrustedRoot(root, subject)
+        if trusted not in roots:
+            roots.append(trusted)
+
+    def register_federated_credential(
+        self,
+        tenant_id: str,
+        client_id: str,
+        issuer: KubernetesIssuer,
+        subject: str,
+        audience: str = TOKEN_EXCHANGE_AUDIENCE,
+    ) -> None:
+        """Trust tokens `issuer` signs for `subject` (exact, case-sensitive) and `audience`, as
+        a federated identity credential on the app (AKS workload identity)."""
+        federated = self._app(tenant_id, client_id).federated
+        credential = FederatedCredential(issuer, subject, audience)
+        if credential not in federated:
+            federated.append(credential)
+
+    def register_managed_identity(self, tenant_id: str, client_id: str) -> None:
+        """Make a managed identity's service principal known, with no credential of its own:
+        only a `ManagedIdentityEndpoint` obtains tokens for it."""
+        self._app(tenant_id, client_id)
 
     def fail_next(
         self,
@@ -186,7 +248,13 @@ class EntraStandIn:
         """Answer the next `count` token requests with this error (a large count means "down";
         0 cancels). azure-identity retries 5xx itself, so one 500 is usually not seen."""
         self._failures_left = max(0, count)
-        self._failure = _Failure(status, error, code, description)
+        self._failure = Failure(status, error, code, description)
+
+    @staticmethod
+    def object_id(tenant_id: str, client_id: str) -> str:
+        """The service principal's object id (`oid`): stable per app and tenant, as in a real
+        directory."""
+        return str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant_id}/{client_id}"))
 
     def mint_access_token(
         self,
@@ -200,6 +268,23 @@ class EntraStandIn:
         expired (negative `lifetime`) or other-audience token without a token request."""
         token, _ = self._sign_access_token(tenant_id, client_id, resource, lifetime)
         return token
+
+    def issue_access_token(
+        self,
+        tenant_id: str,
+        client_id: str,
+        resource: str,
+        *,
+        extra_claims: Mapping[str, Any] | None = None,
+    ) -> tuple[str, dict[str, Any]]:
+        """Sign and record (in `issued`) a token for an identity another endpoint vouched for,
+        e.g. a managed identity: (token, claims)."""
+        self.register_managed_identity(tenant_id, client_id)
+        token, claims = self._sign_access_token(
+            tenant_id, client_id, resource, None, extra_claims=extra_claims
+        )
+        self.issued.append(claims)
+        return token, claims
 
     def verify_access_token(self, token: str, *, audience: str) -> dict[str, Any]:
         """The token's claims if this stand-in signed it for `audience` and it has not expired;
@@ -240,11 +325,11 @@ class EntraStandIn:
         try:
             if self._failures_left > 0:
                 self._failures_left -= 1
-                raise _Rejected(self._failure)
+                raise Rejected(self._failure)
             form = await request.post()
             body = self._client_credentials(request, request.match_info["tenant"], form)
-        except _Rejected as rejected:
-            return self._error_response(request, rejected.failure)
+        except Rejected as rejected:
+            return error_response(request, rejected.failure, self.authority)
         return web.json_response(body, headers={"Cache-Control": "no-store, no-cache"})
 
     def _client_credentials(
@@ -252,7 +337,7 @@ class EntraStandIn:
     ) -> dict[str, Any]:
         apps = self._tenants.get(tenant_id)
         if apps is None:
-            raise _reject(
+            raise reject(
                 400,
                 "invalid_request",
                 90002,
@@ -261,16 +346,24 @@ class EntraStandIn:
             )
         grant_type = _require(form, "grant_type")
         if grant_type != "client_credentials":
-            raise _reject(
+            raise reject(
                 400,
                 "unsupported_grant_type",
                 70003,
                 f"The app requested an unsupported grant type '{grant_type}'.",
             )
-        client_id = _require(form, "client_id")
-        certificates = apps.get(client_id)
-        if certificates is None:
-            raise _reject(
+        basic = _basic_credentials(request)
+        client_id = basic[0] if basic is not None else _require(form, "client_id")
+        if basic is not None and _form_value(form, "client_id") not in (None, client_id):
+            raise reject(
+                400,
+                "invalid_request",
+                900144,
+                "The client_id in the body does not match the one in the Authorization header.",
+            )
+        app = apps.get(client_id)
+        if app is None:
+            raise reject(
                 400,
                 "unauthorized_client",
                 700016,
@@ -279,28 +372,17 @@ class EntraStandIn:
                 "the administrator of the tenant or consented to by any user in the tenant. You "
                 "may have sent your authentication request to the wrong tenant.",
             )
-        if _form_value(form, "client_secret") is not None:
-            raise _reject(401, "invalid_client", 7000215, "Invalid client secret provided.")
-        assertion = _form_value(form, "client_assertion")
-        assertion_type = _form_value(form, "client_assertion_type")
-        if assertion is None or assertion_type is None:
-            raise _reject(
-                401,
-                "invalid_client",
-                7000218,
-                "The request body must contain the following parameter: 'client_assertion' or "
-                "'client_secret'.",
-            )
-        if assertion_type != JWT_BEARER_ASSERTION_TYPE:
-            raise _reject(400, "invalid_request", 90011, "Unexpected client assertion type.")
-        endpoints = {
-            self.token_endpoint(tenant_id),
-            # The same service reached under another name (e.g. localhost) is still this one.
-            f"https://{request.host}/{tenant_id}/oauth2/v2.0/token",
-        }
-        self._verify_assertion(assertion, client_id, certificates, endpoints)
+        secret = basic[1] if basic is not None else _form_value(form, "client_secret")
+        if secret is not None:
+            verify_secret(app, client_id, secret)
+            appidacr = APPIDACR_SECRET
+        else:
+            self._verify_assertion(request, tenant_id, client_id, app, form)
+            appidacr = APPIDACR_CERTIFICATE
         resource = self._resource(_require(form, "scope"))
-        token, claims = self._sign_access_token(tenant_id, client_id, resource, None)
+        token, claims = self._sign_access_token(
+            tenant_id, client_id, resource, None, extra_claims={"appidacr": appidacr}
+        )
         self.issued.append(claims)
         expires_in = claims["exp"] - claims["iat"]
         return {
@@ -312,119 +394,45 @@ class EntraStandIn:
 
     def _verify_assertion(
         self,
-        assertion: str,
+        request: web.Request,
+        tenant_id: str,
         client_id: str,
-        certificates: list[x509.Certificate],
-        endpoints: set[str],
+        app: AppRegistration,
+        form: Mapping[str, Any],
     ) -> None:
-        """RFC 7523 section 3 checks, each answered with the AADSTS code Entra uses."""
+        assertion = _form_value(form, "client_assertion")
+        assertion_type = _form_value(form, "client_assertion_type")
+        if assertion is None or assertion_type is None:
+            raise invalid_client(
+                7000218,
+                "The request body must contain the following parameter: 'client_assertion' or "
+                "'client_secret'.",
+            )
+        if assertion_type != JWT_BEARER_ASSERTION_TYPE:
+            raise reject(400, "invalid_request", 90011, "Unexpected client assertion type.")
         try:
             header = jwt.get_unverified_header(assertion)
+            claims = jwt.decode(assertion, options={"verify_signature": False})
         except jwt.DecodeError as exc:
-            raise _reject(
-                401, "invalid_client", 50027, f"JWT token is invalid or malformed. ({exc})"
-            ) from exc
-        # azure-identity pads the thumbprint (base64.urlsafe_b64encode); compare without padding.
-        by_sha256 = {_thumbprints(c)[1]: c for c in certificates}
-        by_sha1 = {_thumbprints(c)[0]: c for c in certificates}
-        sent_sha256 = str(header.get("x5t#S256", "")).rstrip("=")
-        sent_sha1 = str(header.get("x5t", "")).rstrip("=")
-        certificate = by_sha256.get(sent_sha256) or by_sha1.get(sent_sha1)
-        if certificate is None:
-            raise _reject(
-                401,
-                "invalid_client",
-                700027,
-                "Client assertion contains an invalid signature. [Reason - The key was not "
-                f"found., Thumbprint of key used by client: '{sent_sha256 or sent_sha1}', "
-                f"Please visit the Azure Portal to see configured keys for app Id '{client_id}'.]",
-            )
-        now = dt.datetime.now(dt.UTC)
-        if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
-            raise _reject(
-                401,
-                "invalid_client",
-                700027,
-                "Client assertion contains an invalid signature. [Reason - The key used is "
-                f"expired or not yet valid., Thumbprint of key used by client: "
-                f"'{sent_sha256 or sent_sha1}']",
-            )
-        algorithm = header.get("alg")
-        if algorithm not in ASSERTION_ALGORITHMS:
-            raise _reject(
-                401,
-                "invalid_client",
-                5002738,
-                f"Invalid JWT token. '{algorithm}' is not a supported signature algorithm.",
-            )
-        public_key = certificate.public_key()
-        if not isinstance(public_key, rsa.RSAPublicKey):
-            raise _reject(401, "invalid_client", 700027, "The certificate's key is not RSA.")
-        try:
-            claims: dict[str, Any] = jwt.decode(
-                assertion,
-                public_key,
-                algorithms=list(ASSERTION_ALGORITHMS),
-                # Claims are checked below so each failure gets its own AADSTS code.
-                options={
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": False,
-                    "verify_iss": False,
-                    "verify_sub": False,
-                    "verify_jti": False,
-                },
-            )
-        except jwt.InvalidTokenError as exc:
-            raise _reject(
-                401,
-                "invalid_client",
-                700027,
-                "Client assertion contains an invalid signature. [Reason - Key was found, but "
-                f"use of the key to verify the signature failed.] ({exc})",
-            ) from exc
-        if claims.get("iss") != client_id or claims.get("sub") != client_id:
-            raise _reject(
-                401,
-                "invalid_client",
-                700021,
-                "Client assertion application identifier doesn't match 'client_id' parameter.",
-            )
-        if claims.get("aud") not in endpoints:
-            raise _reject(
-                401,
-                "invalid_client",
-                700023,
-                "Client assertion audience claim does not match Realm issuer. The audience must "
-                f"be the token endpoint; got {claims.get('aud')!r}.",
-            )
-        self._check_lifetime(claims)
-
-    @staticmethod
-    def _check_lifetime(claims: Mapping[str, Any]) -> None:
-        now = time.time()
-        exp, nbf = claims.get("exp"), claims.get("nbf", 0)
-        if (
-            not isinstance(exp, int | float)
-            or not isinstance(nbf, int | float)
-            or exp <= now
-            or nbf > now + CLOCK_SKEW
-        ):
-            raise _reject(
-                401,
-                "invalid_client",
-                700024,
-                f"Client assertion is not within its valid time range. Current time: "
-                f"{_timestamp(now)}, assertion valid from {_describe_time(nbf)}, "
-                f"expiry time of assertion {_describe_time(exp)}.",
-            )
+            raise invalid_client(50027, f"JWT token is invalid or malformed. ({exc})") from exc
+        # A federated token is issued by someone else (iss is the cluster, not the app) and
+        # names no certificate.
+        if claims.get("iss") != client_id and not any(h in header for h in _CERTIFICATE_HEADERS):
+            verify_federated_assertion(assertion, header, claims, app)
+            return
+        endpoints = {
+            self.token_endpoint(tenant_id),
+            # The same service reached under another name (e.g. localhost) is still this one.
+            f"https://{request.host}/{tenant_id}/oauth2/v2.0/token",
+        }
+        certificate = verify_certificate_assertion(assertion, header, client_id, app, endpoints)
+        self.seen_thumbprints.append(certificate.fingerprint(hashes.SHA256()).hex().upper())
 
     @staticmethod
     def _resource(scope: str) -> str:
         scopes = scope.split()
         if len(scopes) != 1:
-            raise _reject(
+            raise reject(
                 400,
                 "invalid_scope",
                 700022,
@@ -432,7 +440,7 @@ class EntraStandIn:
                 "because it contains more than one resource.",
             )
         if not scope.endswith(DEFAULT_SCOPE_SUFFIX) or scope == DEFAULT_SCOPE_SUFFIX:
-            raise _reject(
+            raise reject(
                 400,
                 "invalid_scope",
                 1002012,
@@ -443,13 +451,18 @@ class EntraStandIn:
         return scope.removesuffix(DEFAULT_SCOPE_SUFFIX)
 
     def _sign_access_token(
-        self, tenant_id: str, client_id: str, resource: str, lifetime: float | None
+        self,
+        tenant_id: str,
+        client_id: str,
+        resource: str,
+        lifetime: float | None,
+        *,
+        extra_claims: Mapping[str, Any] | None = None,
     ) -> tuple[str, dict[str, Any]]:
         now = int(time.time())
         lifetime = self.token_lifetime if lifetime is None else lifetime
         issuer = f"https://sts.windows.net/{tenant_id}/"
-        # A service principal's object id is stable per app and tenant, as in a real directory.
-        object_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant_id}/{client_id}"))
+        object_id = self.object_id(tenant_id, client_id)
         claims: dict[str, Any] = {
             "aud": resource,
             "iss": issuer,
@@ -458,7 +471,7 @@ class EntraStandIn:
             "exp": now + int(lifetime),
             "aio": "",
             "appid": client_id,
-            "appidacr": "2",  # 2: the client authenticated with a certificate
+            "appidacr": APPIDACR_CERTIFICATE,
             "azp": client_id,
             "idp": issuer,
             "idtyp": "app",
@@ -467,6 +480,7 @@ class EntraStandIn:
             "sub": object_id,
             "tid": tenant_id,
             "ver": "1.0",
+            **(extra_claims or {}),
         }
         headers = {"typ": "JWT", "x5t": self._key_id, "kid": self._key_id}
         unpadded = jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
@@ -475,30 +489,6 @@ class EntraStandIn:
         claims["aio"] = secrets.token_urlsafe(padding)[:padding]
         token = jwt.encode(claims, self._signing_key, algorithm="RS256", headers=headers)
         return token, claims
-
-    def _error_response(self, request: web.Request, failure: _Failure) -> web.Response:
-        """Entra's error body: azure-identity puts `error_description` in its exception."""
-        trace_id = str(uuid.uuid4())
-        correlation_id = _correlation_id(request.headers.get("client-request-id"))
-        timestamp = _timestamp(time.time())
-        description = (
-            f"AADSTS{failure.code}: {failure.message}\r\nTrace ID: {trace_id}\r\n"
-            f"Correlation ID: {correlation_id}\r\nTimestamp: {timestamp}"
-        )
-        body = {
-            "error": failure.error,
-            "error_description": description,
-            "error_codes": [failure.code],
-            "timestamp": timestamp,
-            "trace_id": trace_id,
-            "correlation_id": correlation_id,
-            "error_uri": f"{self.authority}/error?code={failure.code}",
-        }
-        return web.json_response(
-            body,
-            status=failure.status,
-            headers={"x-ms-request-id": trace_id, "Cache-Control": "no-store, no-cache"},
-        )
 
     # -- discovery, for MSAL-based (sync) clients -----------------------------------------
 
@@ -511,7 +501,11 @@ class EntraStandIn:
                 "token_endpoint": self.token_endpoint(tenant_id),
                 "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
                 "jwks_uri": f"{base}/discovery/v2.0/keys",
-                "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+                "token_endpoint_auth_methods_supported": [
+                    "client_secret_post",
+                    "client_secret_basic",
+                    "private_key_jwt",
+                ],
                 "id_token_signing_alg_values_supported": ["RS256"],
                 "grant_types_supported": ["client_credentials"],
             }
@@ -521,21 +515,3 @@ class EntraStandIn:
         jwk = RSAAlgorithm.to_jwk(self._signing_key.public_key(), as_dict=True)
         jwk.update({"kid": self._key_id, "x5t": self._key_id, "use": "sig", "alg": "RS256"})
         return web.json_response({"keys": [jwk]})
-
-
-def _timestamp(epoch: float) -> str:
-    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _describe_time(value: object) -> str:
-    return _timestamp(value) if isinstance(value, int | float) else repr(value)
-
-
-def _correlation_id(sent: str | None) -> str:
-    """Entra echoes the client's `client-request-id` as the correlation id when it is a GUID."""
-    if sent is not None:
-        try:
-            return str(uuid.UUID(sent))
-        except ValueError:
-            pass
-    return str(uuid.uuid4())

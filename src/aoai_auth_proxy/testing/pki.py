@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import ipaddress
 import os
@@ -88,6 +89,8 @@ class ClientCertificate:
 
     certificate: x509.Certificate
     private_key: rsa.RSAPrivateKey = field(repr=False)
+    # The issuers above `certificate`, nearest first, ending with the root.
+    chain: tuple[x509.Certificate, ...] = ()
 
     @property
     def certificate_pem(self) -> bytes:
@@ -97,6 +100,25 @@ class ClientCertificate:
     def pem(self) -> bytes:
         """Certificate PEM then unencrypted PKCS#8 key PEM: the `AZURE_CERTIFICATE_PATH` format."""
         return self.certificate_pem + _key_pem(self.private_key)
+
+    @property
+    def chain_pem(self) -> bytes:
+        """The issuers' PEMs, nearest first."""
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in self.chain)
+
+    @property
+    def pem_with_chain(self) -> bytes:
+        """Certificate, its issuers (nearest first), then the key: a full-chain PEM."""
+        return self.certificate_pem + self.chain_pem + _key_pem(self.private_key)
+
+    @property
+    def x5c(self) -> list[str]:
+        """The JWT `x5c` header value: standard (not URL-safe) base64 DER, this certificate
+        first, then its issuers (RFC 7515 section 4.1.6)."""
+        return [
+            base64.b64encode(c.public_bytes(serialization.Encoding.DER)).decode("ascii")
+            for c in (self.certificate, *self.chain)
+        ]
 
     @property
     def thumbprint_sha1(self) -> str:
@@ -118,41 +140,39 @@ class CertificateAuthority:
 
     certificate: x509.Certificate
     private_key: rsa.RSAPrivateKey = field(repr=False)
+    # For an intermediate CA, the issuers above it, nearest first, ending with the root.
+    chain: tuple[x509.Certificate, ...] = ()
 
     @classmethod
     def create(cls, common_name: str = "aoai-auth-proxy test CA") -> CertificateAuthority:
         key = _new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = _now()
-        certificate = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + CA_LIFETIME)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
-            .sign(key, hashes.SHA256())
+        certificate = _ca_certificate(
+            common_name, key, issuer=None, not_before=now - BACKDATE, not_after=now + CA_LIFETIME
         )
         return cls(certificate=certificate, private_key=key)
+
+    def create_intermediate(
+        self,
+        common_name: str,
+        *,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> CertificateAuthority:
+        """A CA signed by this one (leaf <- intermediate <- root chains); its `chain` names
+        the CAs above it. Pass `not_before`/`not_after` for an expired or future one."""
+        key = _new_key()
+        now = _now()
+        certificate = _ca_certificate(
+            common_name,
+            key,
+            issuer=self,
+            not_before=not_before if not_before is not None else now - BACKDATE,
+            not_after=not_after if not_after is not None else now + CA_LIFETIME,
+        )
+        return CertificateAuthority(
+            certificate=certificate, private_key=key, chain=(self.certificate, *self.chain)
+        )
 
     @property
     def certificate_pem(self) -> bytes:
@@ -228,7 +248,9 @@ class CertificateAuthority:
             not_after=not_after if not_after is not None else now + LEAF_LIFETIME,
             extensions=[(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
         )
-        return ClientCertificate(certificate=certificate, private_key=key)
+        return ClientCertificate(
+            certificate=certificate, private_key=key, chain=(self.certificate, *self.chain)
+        )
 
     def write_ca_file(self, path: Path) -> Path:
         """Write the CA certificate PEM (for `SSL_CERT_FILE` or `connection_verify=`)."""
@@ -238,3 +260,48 @@ class CertificateAuthority:
     def client_ssl_context(self) -> ssl.SSLContext:
         """A client-side TLS context that trusts this CA and nothing else."""
         return ssl.create_default_context(cadata=self.certificate_pem.decode("ascii"))
+
+
+def _ca_certificate(
+    common_name: str,
+    key: rsa.RSAPrivateKey,
+    *,
+    issuer: CertificateAuthority | None,
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+) -> x509.Certificate:
+    """A CA certificate, self-signed when `issuer` is None. No path length limit, so a root
+    may sign intermediates (RFC 5280 section 4.2.1.9)."""
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    signer = key if issuer is None else issuer.private_key
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name if issuer is None else issuer.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+    )
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()),
+            critical=False,
+        )
+    return builder.sign(signer, hashes.SHA256())
