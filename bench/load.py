@@ -78,14 +78,14 @@ async def run_wrk(
     base_url: str,
     *,
     connections: int,
-    seconds: float,
+    seconds: int,
 ) -> WrkResult:
     argv = [
         *pin,
         "wrk",
         "-t1",
         f"-c{connections}",
-        f"-d{seconds:g}s",
+        f"-d{seconds}s",  # wrk takes whole seconds only
         "--latency",
         "-s",
         str(script),
@@ -128,7 +128,7 @@ class HeldStreams:
     first_events: int = 0
     open_seconds: float = 0.0
 
-    async def abort(self, count: int) -> int:
+    def abort(self, count: int) -> int:
         """Close the first `count` streams abruptly, as a client that goes away does."""
         closing, self.responses = self.responses[:count], self.responses[count:]
         for response in closing:

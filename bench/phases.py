@@ -44,7 +44,7 @@ async def measure_latency(
 
 
 async def _wrk_run(
-    processes: Processes, stack: Stack, script: Path, url: str, connections: int, seconds: float
+    processes: Processes, stack: Stack, script: Path, url: str, connections: int, seconds: int
 ) -> dict[str, Any]:
     """One wrk run, with the proxy's and upstream's CPU, the proxy's peak RSS, other load."""
     pids = stack.proxy.pid, stack.upstream.pid
@@ -71,8 +71,8 @@ async def measure_throughput(
     script: Path,
     *,
     connections: Sequence[int],
-    seconds: float,
-    warmup_seconds: float,
+    seconds: int,
+    warmup_seconds: int,
     rounds: int,
 ) -> dict[str, Any]:
     """Requests/s direct and through the proxy; runs interleave so drift hits both alike."""
@@ -161,7 +161,7 @@ async def measure_streams(
     async with hold_streams(stack.proxy_url, count) as held:
         upstream_open = (await _upstream_stats(session, stack))["open"]
         open_mb = await settled_rss(pid)
-        aborted = await held.abort(len(held.responses) // 2)
+        aborted = held.abort(len(held.responses) // 2)
         cancelled_in = await _wait_upstream_open(session, stack, upstream_open - aborted, within=10)
         async with session.post(stack.direct_url + "/bench/release") as response:
             released = (await response.json())["released"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+# The proxy's text log format: "2026-01-01 12:00:00,123 LEVEL logger: message".
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[,.]\d+ (\w+) (\S+?):? (.*)$")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -50,7 +55,7 @@ def _throughput(results: Mapping[str, Any]) -> list[str]:
     ]
     return [
         f"Throughput: POST chat completion, {results['setup']['response_bytes']}-byte JSON "
-        f"answer; wrk, mean of {options['rounds']} interleaved rounds x {options['seconds']:g} s",
+        f"answer; wrk, mean of {options['rounds']} interleaved rounds x {options['seconds']} s",
         *_table(header, rows),
         "  (CPU: share of one core during the proxy runs; errors: wrk socket errors + non-2xx;",
         "   other load: worst share of the machine used by processes outside the bench in a run)",
@@ -136,6 +141,47 @@ def _noise(results: Mapping[str, Any]) -> str:
     )
 
 
+def summarize_log(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """Group log records by level, logger, message (digits masked) and the exception that ended
+    their traceback, if any; most frequent first."""
+    groups: Counter[tuple[str, str, str, str]] = Counter()
+    current: list[str] | None = None
+
+    def close(record: list[str] | None) -> None:
+        if record is not None:
+            level, logger, message, *rest = record
+            exception = next((line for line in reversed(rest) if not line[:1].isspace()), "")
+            groups[level, logger, re.sub(r"\d+", "N", message)[:120], exception[:160]] += 1
+
+    for line in lines:
+        match = _LOG_RECORD.match(line)
+        if match is not None:
+            close(current)
+            current = list(match.groups())
+        elif current is not None and line.strip() and not line.startswith("Traceback"):
+            current.append(line)
+    close(current)
+    return [
+        {"count": n, "level": level, "logger": logger, "message": message, "exception": exc}
+        for (level, logger, message, exc), n in groups.most_common()
+    ]
+
+
+def _log_lines(results: Mapping[str, Any]) -> list[str]:
+    summary = results["proxy_log_summary"]
+    lines = [
+        f"proxy log (bench/results/proxy.log): {sum(g['count'] for g in summary)} record(s) "
+        f"at WARNING or above in {results['proxy_log_lines']} line(s)"
+    ]
+    for group in summary:
+        lines.append(
+            f"  {group['count']:>5} x {group['level']} {group['logger']}: {group['message']}"
+        )
+        if group["exception"]:
+            lines.append(f"          -> {group['exception']}")
+    return lines
+
+
 def format_report(results: Mapping[str, Any]) -> str:
     setup, machine = results["setup"], results["machine"]
     lines = [
@@ -156,8 +202,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         *_memory(results),
         "",
         _noise(results),
-        f"proxy log: {results['proxy_log_lines']} line(s) at WARNING or above",
-        *(f"  | {line}" for line in results["proxy_log_head"]),
+        *_log_lines(results),
         f"bench took {results['duration_seconds']:.0f} s",
     ]
     return "\n".join(lines)

@@ -42,12 +42,12 @@ from harness import (
 )
 from load import wrk_script
 from phases import measure_latency, measure_streams, measure_throughput, settled_rss
-from report import format_report
+from report import format_report, summarize_log
 from upstream import COMPLETION_BODY
 
 # The package has no py.typed marker yet: `mypy bench` alone sees it as untyped, a full `mypy`
 # run (src is in `files`) does not, hence both codes.
-from aoai_auth_proxy.testing import (  # type: ignore[import-untyped, unused-ignore]
+from aoai_auth_proxy.testing import (
     CertificateAuthority,
     EntraStandIn,
 )
@@ -55,7 +55,9 @@ from aoai_auth_proxy.testing import (  # type: ignore[import-untyped, unused-ign
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "0a1b2c3d-4e5f-4a6b-8c7d-9e0f1a2b3c4d"
 PROXY_LOG_LEVEL = "WARNING"
+CERTIFICATE_LIFETIME = dt.timedelta(days=365)
 RESULTS_FILE = BENCH_DIR / "results" / "latest.json"
+PROXY_LOG_FILE = BENCH_DIR / "results" / "proxy.log"
 # Environment that would change where the proxy's outbound requests go.
 _ROUTING_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_file")
 
@@ -63,8 +65,8 @@ _ROUTING_ENV = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ssl_cert_
 @dataclass(frozen=True)
 class Options:
     connections: tuple[int, ...]
-    seconds: float
-    warmup_seconds: float
+    seconds: int
+    warmup_seconds: int
     rounds: int
     latency_count: int
     latency_warmup: int
@@ -75,8 +77,8 @@ class Options:
 def parse_options(argv: Sequence[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--connections", type=int, nargs="+", default=[16, 64])
-    parser.add_argument("--seconds", type=float, default=6.0, help="per wrk run")
-    parser.add_argument("--warmup-seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=int, default=6, help="per wrk run (whole seconds)")
+    parser.add_argument("--warmup-seconds", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved direct/proxy rounds")
     parser.add_argument("--latency-count", type=int, default=2000)
     parser.add_argument("--latency-warmup", type=int, default=200)
@@ -101,7 +103,10 @@ def proxy_environment(
     workdir: Path, entra: EntraStandIn, ca: CertificateAuthority, upstream_url: str, port: int
 ) -> dict[str, str]:
     """The variables a user sets, and nothing inherited that could reroute the proxy."""
-    certificate = ca.issue_client_certificate("aoai-auth-proxy-bench")
+    # A year, not the stand-in's default week: the proxy warns about certificates near expiry.
+    certificate = ca.issue_client_certificate(
+        "aoai-auth-proxy-bench", not_after=dt.datetime.now(dt.UTC) + CERTIFICATE_LIFETIME
+    )
     entra.register_client(TENANT_ID, CLIENT_ID, certificate.certificate)
     env = {
         name: value
@@ -175,6 +180,8 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
         noise = meter.foreign()
         token_requests = entra.token_requests
     proxy_log = (workdir / "proxy.log").read_text(errors="replace").splitlines()
+    PROXY_LOG_FILE.parent.mkdir(parents=True, exist_ok=True)
+    PROXY_LOG_FILE.write_text("\n".join(proxy_log) + "\n")
     return {
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -200,7 +207,7 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
         "streams": streams,
         "noise": noise,
         "proxy_log_lines": len(proxy_log),
-        "proxy_log_head": proxy_log[:10],
+        "proxy_log_summary": summarize_log(proxy_log),
         "duration_seconds": time.monotonic() - started,
     }
 

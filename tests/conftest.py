@@ -15,8 +15,8 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from aoai_auth_proxy.app import LIFECYCLE, app_runner, create_app
 from aoai_auth_proxy.config import Settings, load_settings
+from aoai_auth_proxy.server import ProxyServer
 from aoai_auth_proxy.testing import (
     AzureOpenAIStandIn,
     CertificateAuthority,
@@ -51,24 +51,28 @@ def certificate_file(tmp_path: Path, client_certificate: ClientCertificate) -> P
 class RunningProxy:
     """A proxy serving on 127.0.0.1:<ephemeral>, exactly as `aoai-auth-proxy serve` runs it."""
 
-    settings: Settings
-    app: web.Application
-    runner: web.AppRunner
-    url: str
+    server: ProxyServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def app(self) -> web.Application:
+        return self.server.app
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.settings
 
     async def stop(self) -> None:
-        self.app[LIFECYCLE].draining = True
-        await self.runner.cleanup()
+        await self.server.stop()
 
 
 async def start_proxy(settings: Settings) -> RunningProxy:
-    app = create_app(settings)
-    runner = app_runner(app, settings)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    return RunningProxy(settings, app, runner, f"http://{host}:{port}")
+    server = ProxyServer(settings)
+    await server.start()
+    return RunningProxy(server)
 
 
 async def wait_ready(url: str, timeout: float = 10.0) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -11,8 +12,9 @@ from .config import Settings
 from .credentials import RefreshingTokenSource, TokenSource
 from .errors import ProxyError
 from .forwarding import redact_target
-from .health import Lifecycle, health_routes
-from .logs import ACCESS_LOGGER, AccessLogger
+from .health import health_routes
+from .lifecycle import Lifecycle
+from .logs import log_cancelled
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
 from .signin import EntraTokenFetcher
@@ -52,20 +54,19 @@ def create_app(
     outbound = upstream if upstream is not None else default_upstream(settings)
     lifecycle = Lifecycle()
 
-    app = web.Application(middlewares=[_proxy_errors])
+    app = web.Application(middlewares=[lifecycle.middleware(), log_cancelled, _proxy_errors])
     app[SETTINGS] = settings
     app[TOKEN_SOURCE] = tokens
     app[UPSTREAM] = outbound
     app[LIFECYCLE] = lifecycle
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        await outbound.start()
-        tokens.start()
-        try:
+        async with contextlib.AsyncExitStack() as stack:
+            await outbound.start()
+            stack.push_async_callback(outbound.close)
+            tokens.start()
+            stack.push_async_callback(tokens.close)
             yield
-        finally:
-            await tokens.close()
-            await outbound.close()
 
     app.cleanup_ctx.append(resources)
 
@@ -77,19 +78,6 @@ def create_app(
     # path we forward (relay reads request.raw_path).
     app.router.add_route("*", "/{path:.*}", forward)
     return app
-
-
-def app_runner(app: web.Application, settings: Settings) -> web.AppRunner:
-    """The runner `serve` uses (and tests too): access log, cancellation, drain timeout."""
-    return web.AppRunner(
-        app,
-        handle_signals=False,
-        access_log_class=AccessLogger,
-        access_log=logging.getLogger(ACCESS_LOGGER),
-        # A client that goes away cancels its handler, and with it the upstream request.
-        handler_cancellation=True,
-        shutdown_timeout=settings.shutdown_timeout,
-    )
 
 
 @web.middleware

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 import os
@@ -13,14 +12,13 @@ import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from aiohttp import web
-
-from .app import LIFECYCLE, TOKEN_SOURCE, app_runner, create_app
 from .config import Settings, load_settings
+from .credentials import RefreshingTokenSource
 from .errors import ConfigError, TokenAcquisitionError
 from .identity import CredentialKind
 from .logs import configure_logging
 from .outbound import client_ssl_context
+from .server import ProxyServer
 from .signin import EntraTokenFetcher
 
 log = logging.getLogger("aoai_auth_proxy")
@@ -68,8 +66,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         configure_logging("WARNING", settings.log_format)
         return asyncio.run(check(settings))
     configure_logging(settings.log_level, settings.log_format)
-    asyncio.run(serve(settings))
-    return EXIT_OK
+    return asyncio.run(serve(settings))
 
 
 async def check(settings: Settings) -> int:
@@ -97,11 +94,11 @@ async def check(settings: Settings) -> int:
     elif identity.kind is CredentialKind.WORKLOAD_IDENTITY:
         print(f"token file:   {identity.federated_token_file}")
     print(f"upstream:     {settings.api_base_url}")
+    tokens = RefreshingTokenSource(fetcher, fetch_timeout=settings.token_timeout)
     try:
-        token = await asyncio.wait_for(fetcher.fetch(), settings.token_timeout)
-    except (TokenAcquisitionError, TimeoutError) as exc:
-        reason = str(exc) or f"Entra ID did not answer within {settings.token_timeout:g} s"
-        print(f"token:        FAILED: {reason}", file=sys.stderr)
+        token = await tokens.refresh()
+    except TokenAcquisitionError as exc:
+        print(f"token:        FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_on))
     print(f"token:        OK, expires {expires} (in {token.expires_on - time.time():.0f} s)")
@@ -113,8 +110,7 @@ async def demo(port: int) -> int:
     from .testing.demo import demo_environment  # the stand-ins load only for the demo
 
     async with demo_environment(port=port) as env:
-        await serve(load_settings(env), on_ready=_print_demo_usage)
-    return EXIT_OK
+        return await serve(load_settings(env), on_ready=_print_demo_usage)
 
 
 def _print_demo_usage(url: str) -> None:
@@ -141,60 +137,42 @@ Ctrl-C stops the proxy and both stand-ins.
     )
 
 
-async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then drain: readiness 503 at once, stop accepting, let
-    in-flight requests and streams finish within PROXY_SHUTDOWN_TIMEOUT, exit.
+async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = None) -> int:
+    """Run until SIGTERM or SIGINT, then drain (see server.py) and return the exit code.
 
     `on_ready(url)` is called once the listener is up and the first token is held."""
-    app = create_app(settings)
-    runner = app_runner(app, settings)
-    await runner.setup()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Installed first, so a SIGTERM during start-up drains rather than killing the process;
+    # left installed, so a second Ctrl-C during the bounded drain is absorbed.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    server = ProxyServer(settings)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        if not settings.binds_loopback_only:
-            log.warning(
-                "listening on %s, which is not a loopback address: anyone who can reach it "
-                "can spend this identity's Azure OpenAI quota",
-                settings.host,
-            )
-        log.info("listening on %s, forwarding to %s", site.name, settings.api_base_url)
-        log.info("signing in to Entra ID as %s", settings.identity.describe())
-        if settings.identity.kind is CredentialKind.CERTIFICATE:
-            certificate = settings.identity.load_certificate()
-            expiring = "; it expires soon" if certificate.expires_soon() else ""
-            log.log(
-                logging.WARNING if expiring else logging.INFO,
-                "certificate: %s%s",
-                certificate.describe(),
-                expiring,
-            )
-        if on_ready is not None:
-            await _wait_for_first_token(app, stop)
-            if not stop.is_set():
-                on_ready(_url(site.name))
-        await stop.wait()
-        app[LIFECYCLE].draining = True
-        log.info(
-            "shutting down: draining in-flight requests for up to %g s",
-            settings.shutdown_timeout,
+        url = await server.start()
+    except OSError as exc:
+        log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc.strerror)
+        return EXIT_FAILURE
+    if not settings.binds_loopback_only:
+        log.warning(
+            "listening on %s, which is not a loopback address: anyone who can reach it "
+            "can spend this identity's Azure OpenAI quota",
+            settings.host,
         )
-    finally:
-        # The signal handlers stay installed: a second Ctrl-C during the (bounded) drain is
-        # absorbed rather than raising KeyboardInterrupt through the cleanup.
-        await runner.cleanup()
+    log.info("listening on %s, forwarding to %s", url, settings.api_base_url)
+    log.info("signing in to Entra ID as %s", settings.identity.describe())
+    if settings.identity.kind is CredentialKind.CERTIFICATE:
+        certificate = settings.identity.load_certificate()
+        expiring = "; it expires soon" if certificate.expires_soon() else ""
+        log.log(
+            logging.WARNING if expiring else logging.INFO,
+            "certificate: %s%s",
+            certificate.describe(),
+            expiring,
+        )
+    if on_ready is not None and await server.wait_ready(stop):
+        on_ready(url)
+    await stop.wait()
+    await server.stop()
     log.info("stopped")
-
-
-async def _wait_for_first_token(app: web.Application, stop: asyncio.Event) -> None:
-    while not stop.is_set() and not app[TOKEN_SOURCE].status().ready:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), 0.05)
-
-
-def _url(name: str) -> str:
-    return name.replace("://0.0.0.0:", "://127.0.0.1:")
+    return EXIT_OK

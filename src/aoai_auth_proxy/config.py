@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,8 @@ DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
 # Reasoning models can think for minutes before the first byte and between SSE events; this is
 # an idle (between-bytes) timeout, never a total one, so a long healthy stream is never cut.
 DEFAULT_READ_TIMEOUT_SECONDS = 600.0
-DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 30.0
+# Kubernetes kills a pod 30 s after SIGTERM by default: drain within that, with slack.
+DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
 DEFAULT_TOKEN_TIMEOUT_SECONDS = 30.0
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
@@ -41,6 +43,7 @@ class Settings:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     read_timeout: float = DEFAULT_READ_TIMEOUT_SECONDS
     shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT_SECONDS
+    shutdown_delay: float = 0.0  # readiness 503 this long before the listener closes
     token_timeout: float = DEFAULT_TOKEN_TIMEOUT_SECONDS
     log_level: str = "INFO"
     log_format: str = "text"
@@ -90,8 +93,13 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         api_base_url = parse("API_BASE_URL", "", _base_url)
 
     ca_file = Path(get("SSL_CERT_FILE")) if get("SSL_CERT_FILE") else None
-    if ca_file is not None and not ca_file.is_file():
-        problems.append(f"SSL_CERT_FILE={str(ca_file)!r} is not a readable file")
+    if ca_file is not None:
+        try:
+            ssl.create_default_context().load_verify_locations(cafile=str(ca_file))
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(
+                f"SSL_CERT_FILE={str(ca_file)!r} is not a readable PEM CA bundle: {exc}"
+            )
 
     settings = Settings(
         identity=identity,
@@ -106,6 +114,7 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         shutdown_timeout=parse(
             "PROXY_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT_SECONDS, _seconds
         ),
+        shutdown_delay=parse("PROXY_SHUTDOWN_DELAY", 0.0, _non_negative_seconds),
         token_timeout=parse("PROXY_TOKEN_TIMEOUT", DEFAULT_TOKEN_TIMEOUT_SECONDS, _seconds),
         log_level=parse("PROXY_LOG_LEVEL", "INFO", _log_level),
         log_format=parse("PROXY_LOG_FORMAT", "text", _log_format),
@@ -126,6 +135,13 @@ def _seconds(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value) or value <= 0:
         raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _non_negative_seconds(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError("must be zero or a positive number of seconds")
     return value
 
 

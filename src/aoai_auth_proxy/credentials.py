@@ -150,6 +150,7 @@ class RefreshingTokenSource:
             self._loop_task = asyncio.create_task(self._refresh_loop(), name="token-refresh")
 
     async def close(self) -> None:
+        """Stop refreshing; the held token is simply forgotten."""
         for task in (self._loop_task, self._inflight):
             if task is not None:
                 task.cancel()
@@ -201,8 +202,23 @@ class RefreshingTokenSource:
         except TokenAcquisitionError as exc:
             self._last_error = str(exc)
             raise
+        except Exception as exc:
+            # A fetcher bug or an unexpected library error must not end the refresh loop;
+            # it is reported like any other failure, with its cause chain in the log.
+            log.error("token fetch failed unexpectedly", exc_info=exc)
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            raise TokenAcquisitionError(self._last_error) from exc
         finally:
             self._inflight = None
+        now = self._clock()
+        if not token.usable(now):
+            # Already expired on arrival: clocks disagree, or the lifetime is absurdly short.
+            # Refuse it, so the loop backs off instead of re-fetching in a tight loop.
+            self._last_error = (
+                f"Entra ID returned a token expiring {_iso(token.expires_on)}, already (nearly) "
+                "expired by this machine's clock: check the clock (NTP)"
+            )
+            raise TokenAcquisitionError(self._last_error)
         self._token = token
         self._last_error = None
         self._next_refresh = refresh_time(token, self._jitter())
@@ -235,8 +251,8 @@ class RefreshingTokenSource:
                         )
                     else:
                         log.error("token acquisition failed; retry in %.1f s: %s", delay, exc)
-                else:
-                    failures = 0
+            else:
+                failures = 0
             self._wake.clear()
             sleep = max(0.0, self._next_refresh - self._clock())
             with contextlib.suppress(TimeoutError):

@@ -11,8 +11,9 @@
     ConfigError                    bad configuration; the CLI exits with status 2
     TokenAcquisitionError          one token fetch from Entra failed (wrapped by NoValidToken)
 
-Third-party exceptions (aiohttp, azure-core) are converted into these in one place each
-(`relay.upstream_error` and `credentials.EntraTokenFetcher`), so handlers see only this tree.
+Third-party exceptions are converted into these in one place each: aiohttp's in
+`relay.upstream_error`, azure-identity's in `signin.EntraTokenFetcher.fetch` (anything else a
+fetch raises, in `credentials.RefreshingTokenSource`), so handlers see only this tree.
 Clients get `error_body()`: short OpenAI-shaped JSON the SDKs surface; logs get the cause chain.
 """
 

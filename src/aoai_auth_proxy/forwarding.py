@@ -31,7 +31,8 @@ HOP_BY_HOP = frozenset(
 )
 # The client's own credentials never reach Azure: an `api-key` on a keyless (Entra-only)
 # resource is refused with 403 AuthenticationTypeDisabled (DESIGN.md section 5).
-CLIENT_CREDENTIALS = frozenset({"authorization", "api-key"})
+# Ocp-Apim-Subscription-Key is the other key header Azure AI services accept.
+CLIENT_CREDENTIALS = frozenset({"authorization", "api-key", "ocp-apim-subscription-key"})
 _REPLACED_BY_PROXY = frozenset({"host", "expect"})
 CREDENTIAL_QUERY_PARAMETERS = frozenset({"api-key"})
 
@@ -74,7 +75,13 @@ def strip_credential_parameters(query: str) -> str:
 
 
 def redact_target(raw_target: str) -> str:
-    """The request target as it may appear in a log line: credential parameters removed."""
+    """The request target as it may appear in a log line: credential parameters removed.
+
+    A target that is not origin-form is never logged: an app whose HTTP_PROXY points here
+    would send whole foreign URLs, with their userinfo and signed query strings.
+    """
+    if not raw_target.startswith("/"):
+        return "<non-origin-form target>"
     path, question, query = raw_target.partition("?")
     if not question:
         return path

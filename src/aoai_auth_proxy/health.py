@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
 from .credentials import TokenSource, TokenStatus
-
-HEALTH_PATHS = ("/health", "/health/ready", "/health/live")
-
-
-@dataclass
-class Lifecycle:
-    """The one piece of mutable process state: set when shutdown begins."""
-
-    draining: bool = False
+from .lifecycle import Lifecycle
 
 
 def readiness(token: TokenStatus, *, draining: bool) -> tuple[int, dict[str, Any]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,7 @@ KIND_VARIABLES = {
     CredentialKind.MANAGED_IDENTITY: (),
 }
 PLATFORM_INJECTED = frozenset({"AZURE_FEDERATED_TOKEN_FILE"})
+_TENANT_ID = re.compile(r"[A-Za-z0-9.-]+")
 TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 FALSE_VALUES = frozenset({"0", "false", "no", "off", ""})
 
@@ -214,6 +216,12 @@ def load_identity(
             Path(get("AZURE_FEDERATED_TOKEN_FILE")) if get("AZURE_FEDERATED_TOKEN_FILE") else None
         ),
     )
+    if identity.tenant_id and not _TENANT_ID.fullmatch(identity.tenant_id):
+        # azure-identity refuses anything else with a ValueError deep inside a token fetch.
+        problems.append(
+            f"AZURE_TENANT_ID={identity.tenant_id!r} is invalid: use the directory (tenant) id "
+            "or a domain such as contoso.onmicrosoft.com"
+        )
     if check_files:
         _check_material(identity, problems)
     return identity

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.typedefs import Handler
 
 from .forwarding import redact_target
 
@@ -23,7 +25,7 @@ class UpstreamTiming:
 
     ttfb: float | None = None  # seconds until the upstream's status line and headers
     request_id: str | None = None  # apim-request-id or x-request-id
-    error: str | None = None  # how the upstream broke off mid-response, if it did
+    aborted: str | None = None  # why a started response was cut: upstream:<code>, client_gone
 
 
 UPSTREAM_TIMING = web.RequestKey("upstream_timing", UpstreamTiming)
@@ -49,6 +51,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str = "text") -> None:
+    """One handler on stderr for the whole process, text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -61,30 +64,64 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     # request's headers at INFO: our own token events say what matters, without them.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("azure").setLevel(logging.WARNING)
+    # azure-identity repeats every failed fetch as a multi-line WARNING with Entra's whole
+    # body; the proxy's own line carries the AADSTS message.
+    logging.getLogger("azure.identity").setLevel(logging.ERROR)
+
+
+# nginx's code for "the client closed the connection before the response was complete".
+CLIENT_CLOSED_REQUEST = 499
 
 
 class AccessLogger(AbstractAccessLogger):
-    """method, path (credential parameters removed), status, bytes, duration, upstream timing."""
+    """aiohttp calls this once a response has been sent."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        upstream = request.get(UPSTREAM_TIMING) or UpstreamTiming()
-        ttfb = upstream.ttfb
-        fields: dict[str, Any] = {
-            "method": request.method,
-            "path": redact_target(request.raw_path),
-            "status": response.status,
-            "bytes_out": response.body_length,
-            "duration_ms": round(time * 1000, 1),
-            "upstream_ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
-            "upstream_request_id": upstream.request_id,
-        }
-        if upstream.error:
-            fields["upstream_error"] = upstream.error
-        text = " ".join(
-            f"{key}={value}"
-            for key, value in fields.items()
-            if key not in ("method", "path") and value is not None
+        log_access(self.logger, request, response.status, response.body_length, time)
+
+
+@web.middleware
+async def log_cancelled(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp writes no access line for a cancelled handler (client gone, or cut at the end of
+    the shutdown grace period); this writes one, with status 499."""
+    started = time.monotonic()
+    try:
+        return await handler(request)
+    except asyncio.CancelledError:
+        log_access(
+            logging.getLogger(ACCESS_LOGGER),
+            request,
+            CLIENT_CLOSED_REQUEST,
+            None,
+            time.monotonic() - started,
         )
-        self.logger.info(
-            "%s %s %s", fields["method"], fields["path"], text, extra={"access": fields}
-        )
+        raise
+
+
+def log_access(
+    logger: logging.Logger,
+    request: web.BaseRequest,
+    status: int,
+    bytes_out: int | None,
+    seconds: float,
+) -> None:
+    """method, path (credentials removed), status, bytes, duration, upstream timing and id."""
+    upstream = request.get(UPSTREAM_TIMING) or UpstreamTiming()
+    ttfb = upstream.ttfb
+    fields: dict[str, Any] = {
+        "method": request.method,
+        "path": redact_target(request.raw_path),
+        "status": status,
+        "bytes_out": bytes_out,
+        "duration_ms": round(seconds * 1000, 1),
+        "upstream_ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
+        "upstream_request_id": upstream.request_id,
+    }
+    if upstream.aborted:
+        fields["aborted"] = upstream.aborted
+    text = " ".join(
+        f"{key}={value}"
+        for key, value in fields.items()
+        if key not in ("method", "path") and value is not None
+    )
+    logger.info("%s %s %s", fields["method"], fields["path"], text, extra={"access": fields})

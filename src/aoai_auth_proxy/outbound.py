@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import ssl
+import sys
 from pathlib import Path
 
 import aiohttp
+
+# Before CPython 3.12.8 / 3.13.1 an aborted TLS connection could leak its transport
+# (python/cpython#118960); the proxy aborts one whenever a client cancels mid-stream.
+_NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
 def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
@@ -34,7 +39,10 @@ def client_session(
     clients' cookies), HTTPS_PROXY/NO_PROXY from the environment honoured.
     """
     connector = aiohttp.TCPConnector(
-        ssl=ssl_context, limit=limit, keepalive_timeout=keepalive_timeout
+        ssl=ssl_context,
+        limit=limit,
+        keepalive_timeout=keepalive_timeout,
+        enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
     )
     return aiohttp.ClientSession(
         connector=connector,

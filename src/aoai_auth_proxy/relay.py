@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -38,7 +38,7 @@ class UpstreamRequest:
     method: str
     url: str
     headers: Sequence[tuple[str, str]] = field(repr=False)
-    body: aiohttp.StreamReader | None = field(repr=False)
+    body: AsyncIterable[bytes] | None = field(repr=False)
 
 
 class UpstreamResponse(Protocol):
@@ -79,15 +79,19 @@ def upstream_error(exc: BaseException, url: str) -> ProxyError:
 
 
 class _AiohttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse) -> None:
+    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
         self._response = response
+        self._url = url
         self.status = response.status
         self.reason = response.reason or ""
         self.headers = [(_text(k), _text(v)) for k, v in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.content.iter_any():
-            yield chunk
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise upstream_error(exc, self._url) from exc
 
 
 class AiohttpUpstream:
@@ -129,7 +133,7 @@ class AiohttpUpstream:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise upstream_error(exc, request.url) from exc
         try:
-            yield _AiohttpResponse(response)
+            yield _AiohttpResponse(response, request.url)
         except BaseException:
             response.close()  # abort: the connection is not reused half-read
             raise
@@ -159,22 +163,33 @@ async def relay(
         timing.request_id = response.headers.get("apim-request-id") or response.headers.get(
             "x-request-id"
         )
-        await response.prepare(request)
+        try:
+            await response.prepare(request)
+        except ValueError as exc:
+            # aiohttp refuses to write a header with control characters (RFC 9110 5.5);
+            # nothing has been sent yet, so the client gets a clean 502.
+            raise BadGateway(f"Upstream sent a header the proxy cannot relay: {exc}") from None
+        except ConnectionError:
+            timing.aborted = "client_gone"  # it left while the upstream was thinking
+            return response
         try:
             async for chunk in answer.chunks():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except ProxyError as exc:
             # The status line is already out: the only honest signal left is to abort the
             # connection, so the client sees a truncated response and not a clean end.
-            log.warning(
-                "upstream broke off mid-response, aborting the client connection: %s",
-                upstream_error(exc, url).message,
-            )
-            timing.error = type(exc).__name__
-            if request.transport is not None:
-                request.transport.abort()
-            return response
+            log.warning("upstream broke off mid-response, aborting the client: %s", exc.message)
+            timing.aborted = f"upstream:{exc.code}"
+            _abort(request)
+        except ConnectionError:
+            timing.aborted = "client_gone"  # the client closed its side while we wrote
+            _abort(request)
     return response
+
+
+def _abort(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
 
 
 def _same_case_repeats(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:

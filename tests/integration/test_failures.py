@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from typing import Any
 
@@ -138,7 +139,7 @@ async def test_no_token_gives_503_with_the_entra_error_and_health_says_why(
 @pytest.mark.parametrize(
     "target",
     [
-        b"http://evil.example/openai/models",
+        b"http://user:s3cret@evil.example/openai/models?sig=s3cret",
         b"//evil.example/openai/models",
         b"/openai/../admin",
         b"/openai/%2e%2e/admin",
@@ -148,10 +149,35 @@ async def test_no_token_gives_503_with_the_entra_error_and_health_says_why(
     ],
 )
 async def test_targets_that_could_reach_another_host_are_400_and_not_forwarded(
-    proxy: RunningProxy, aoai: AzureOpenAIStandIn, target: bytes
+    proxy: RunningProxy,
+    aoai: AzureOpenAIStandIn,
+    target: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    status, answer = await raw_request(
-        proxy.url, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
-    )
+    with caplog.at_level(logging.DEBUG):
+        status, answer = await raw_request(
+            proxy.url, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        )
     assert status == 400, answer
+    if target != b"evil.example:443":  # aiohttp's own parser refuses authority-form first
+        assert error_of(answer.partition(b"\r\n\r\n")[2])["code"] == "invalid_request_target"
     assert aoai.requests == []
+    assert "s3cret" not in caplog.text  # a foreign URL's credentials never reach the log
+
+
+async def test_a_client_that_goes_away_still_gets_an_access_line(
+    proxy: RunningProxy,
+    probe: Probe,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level(logging.INFO, logger="aoai_auth_proxy.access"):
+        request = asyncio.ensure_future(client.get(proxy.url + "/slow"))
+        await asyncio.wait_for(probe.started.wait(), 5)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        await asyncio.wait_for(probe.cancelled.wait(), 1.0)
+        await asyncio.sleep(0.05)
+    lines = [r.getMessage() for r in caplog.records if r.name == "aoai_auth_proxy.access"]
+    assert any(line.startswith("GET /slow status=499") for line in lines), lines

@@ -80,6 +80,21 @@ async def spawn(env: dict[str, str], *args: str) -> ProxyProcess:
     return ProxyProcess(process)
 
 
+async def run_check(env: dict[str, str]) -> tuple[int | None, str, str]:
+    """`aoai-auth-proxy check` as an operator runs it: exit code, stdout, stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "aoai_auth_proxy",
+        "check",
+        env={"PATH": os.environ.get("PATH", ""), **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 30)
+    return process.returncode, out.decode(), err.decode()
+
+
 async def _upload_hash(request: web.Request) -> web.StreamResponse:
     digest = hashlib.sha256()
     async for chunk in request.content.iter_any():
@@ -115,42 +130,87 @@ async def test_bad_configuration_exits_2_naming_every_problem(tmp_path: Path) ->
 async def test_check_prints_identity_and_expiry_but_never_the_token(
     proxy_env: dict[str, str], client_certificate: ClientCertificate, entra: EntraStandIn
 ) -> None:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "aoai_auth_proxy",
-        "check",
-        env={"PATH": os.environ.get("PATH", ""), **proxy_env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    text = out.decode()
-    assert process.returncode == 0, err.decode()
+    code, out, err = await run_check(proxy_env)
+    text = out
+    assert code == 0, err
     for expected in (CLIENT_ID, TENANT_ID, "https://cognitiveservices.azure.com/.default"):
         assert expected in text
     assert client_certificate.thumbprint_sha1 in text
     assert "token:        OK, expires" in text
     assert entra.token_requests == 1
-    assert "eyJ" not in text + err.decode()  # no JWT of any kind
+    assert "eyJ" not in text + err  # no JWT of any kind
+
+
+async def test_check_names_the_credential_but_never_the_secret(
+    proxy_env: dict[str, str], entra: EntraStandIn
+) -> None:
+    entra.register_secret(TENANT_ID, CLIENT_ID, "do-not-print-me")
+    env = {**proxy_env, "AZURE_CERTIFICATE_PATH": "", "AZURE_CLIENT_SECRET": "do-not-print-me"}
+    code, out, err = await run_check(env)
+    assert code == 0, err
+    assert "credential:   secret" in out
+    assert "do-not-print-me" not in out + err
 
 
 async def test_check_fails_with_the_entra_error(
     proxy_env: dict[str, str], entra: EntraStandIn
 ) -> None:
     env = {**proxy_env, "AZURE_CLIENT_ID": "11111111-2222-3333-4444-555555555555"}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "aoai_auth_proxy",
-        "check",
-        env={"PATH": os.environ.get("PATH", ""), **env},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    _, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 1
-    assert "AADSTS700016" in err.decode()
+    code, _, err = await run_check(env)
+    assert code == 1
+    assert "AADSTS700016" in err
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_stream_longer_than_the_grace_period_is_cut_and_exit_is_0_in_time(
+    proxy_env: dict[str, str], aoai: AzureOpenAIStandIn, signum: signal.Signals
+) -> None:
+    proxy = await spawn({**proxy_env, "PROXY_SHUTDOWN_TIMEOUT": "1"})
+    url = await proxy.listening()
+    await wait_ready(url)
+    aoai.stream_delay = 0.5  # 8 words: a 4 s stream
+    words = " ".join(f"w{i}" for i in range(8))
+    body = {"messages": [{"role": "user", "content": words}], "stream": True}
+    loop = asyncio.get_running_loop()
+    async with (
+        aiohttp.ClientSession() as client,
+        client.post(url + CHAT, json=body) as response,
+    ):
+        await response.content.readany()
+        proxy.process.send_signal(signum)
+        signalled = loop.time()
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await response.content.read()  # cut, and visibly so
+    assert await proxy.wait() == 0
+    assert loop.time() - signalled < 3.0  # the 1 s grace plus clean-up, not twice the grace
+    assert "cancelled 1 request(s) still running" in proxy.log
+    assert "status=499" in proxy.log  # the cut request still has its access line
+
+
+async def test_shutdown_delay_keeps_serving_with_readiness_503(
+    proxy_env: dict[str, str],
+) -> None:
+    proxy = await spawn({**proxy_env, "PROXY_SHUTDOWN_DELAY": "1"})
+    url = await proxy.listening()
+    await wait_ready(url)
+    proxy.process.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.3)
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url + "/health") as health:
+            assert health.status == 503
+            assert (await health.json())["status"] == "draining"
+        async with client.get(url + "/health/live") as live:
+            assert live.status == 200
+    assert await proxy.wait() == 0
+
+
+async def test_an_address_that_cannot_be_bound_exits_1_with_a_message(
+    proxy_env: dict[str, str],
+) -> None:
+    proxy = await spawn({**proxy_env, "HOST": "no-such-host.invalid"})
+    assert await proxy.wait() == 1
+    assert "cannot listen on no-such-host.invalid port 0" in proxy.log
+    assert "Traceback" not in proxy.log
 
 
 async def test_sigterm_lets_a_stream_finish_then_exits_0(

@@ -133,3 +133,24 @@ def test_certificate_problem_is_named_with_the_file(tmp_path: Path) -> None:
 def test_ssl_cert_file_must_exist(certificate_file: Path, tmp_path: Path) -> None:
     found = problems(env(certificate_file, SSL_CERT_FILE=str(tmp_path / "ca.pem")))
     assert any("SSL_CERT_FILE" in p for p in found)
+
+
+def test_tenant_id_is_checked_before_azure_identity_sees_it(certificate_file: Path) -> None:
+    (problem,) = problems(env(certificate_file, AZURE_TENANT_ID="contoso tenant"))
+    assert problem.startswith("AZURE_TENANT_ID='contoso tenant' is invalid")
+    load_settings(env(certificate_file, AZURE_TENANT_ID="contoso.onmicrosoft.com"))
+
+
+def test_ssl_cert_file_must_be_a_pem_bundle(certificate_file: Path, tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("not a certificate")
+    (problem,) = problems(env(certificate_file, SSL_CERT_FILE=str(garbage)))
+    assert "is not a readable PEM CA bundle" in problem
+
+
+def test_shutdown_delay_and_timeout(certificate_file: Path) -> None:
+    settings = load_settings(
+        env(certificate_file, PROXY_SHUTDOWN_DELAY="5", PROXY_SHUTDOWN_TIMEOUT="20")
+    )
+    assert (settings.shutdown_delay, settings.shutdown_timeout) == (5.0, 20.0)
+    assert load_settings(env(certificate_file)).shutdown_timeout == 25.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 
@@ -25,19 +26,23 @@ class Clock:
 
 
 class FakeFetcher:
-    """Counts fetches; each returns a token of `lifetime` seconds, or fails while `failing`."""
+    """Counts fetches; each returns a token of `lifetime` seconds, or fails while `failing`
+    (or raises `crash`, an exception no fetcher should raise)."""
 
-    def __init__(self, clock: Clock, lifetime: float = 3600.0) -> None:
+    def __init__(self, clock: Callable[[], float], lifetime: float = 3600.0) -> None:
         self.clock = clock
         self.lifetime = lifetime
         self.calls = 0
         self.failing: str | None = None
+        self.crash: Exception | None = None
         self.gate: asyncio.Event | None = None
 
     async def fetch(self) -> Token:
         self.calls += 1
         if self.gate is not None:
             await self.gate.wait()
+        if self.crash is not None:
+            raise self.crash
         if self.failing:
             raise TokenAcquisitionError(self.failing)
         now = self.clock()
@@ -144,9 +149,9 @@ async def test_requests_without_a_token_do_not_hammer_entra() -> None:
 
 
 async def test_background_loop_acquires_then_refreshes_ahead_of_expiry() -> None:
-    fetcher = FakeFetcher(Clock(), lifetime=0.4)  # tokens of 0.4 s, on the real clock
-    fetcher.clock = lambda: asyncio.get_running_loop().time()  # type: ignore[assignment]
-    source = RefreshingTokenSource(fetcher, clock=asyncio.get_running_loop().time)
+    clock = asyncio.get_running_loop().time
+    fetcher = FakeFetcher(clock, lifetime=0.4)  # tokens of 0.4 s, on the real clock
+    source = RefreshingTokenSource(fetcher, clock=clock)
     async with source:
         for _ in range(100):
             if source.status().ready:
@@ -169,3 +174,35 @@ async def test_fetch_that_hangs_times_out_with_a_reason() -> None:
     with pytest.raises(NoValidToken) as raised:
         await source.token()
     assert "did not answer within 0.05 s" in raised.value.message
+
+
+async def test_an_unexpected_fetch_error_is_reported_and_the_loop_survives() -> None:
+    clock = asyncio.get_running_loop().time
+    fetcher = FakeFetcher(clock)
+    fetcher.crash = ValueError("Invalid tenant id provided")
+    source = RefreshingTokenSource(fetcher, clock=clock)
+    async with source:
+        with pytest.raises(NoValidToken) as raised:
+            await source.token()
+        assert "ValueError: Invalid tenant id provided" in raised.value.message
+        assert source.status().last_error == "ValueError: Invalid tenant id provided"
+        fetcher.crash = None
+        for _ in range(300):  # the loop retries after its backoff (0.5-1 s)
+            if source.status().ready:
+                break
+            await asyncio.sleep(0.01)
+        assert source.status().ready
+    # close() neither raises nor hangs
+
+
+async def test_a_token_expired_on_arrival_is_refused_and_backed_off() -> None:
+    clock = asyncio.get_running_loop().time
+    fetcher = FakeFetcher(clock, lifetime=-10.0)  # e.g. this machine's clock runs ahead
+    source = RefreshingTokenSource(fetcher, clock=clock)
+    async with source:
+        await asyncio.sleep(1.2)
+        assert 1 <= fetcher.calls <= 3  # backoff, not a tight loop
+        status = source.status()
+        assert not status.ready
+        assert status.last_error is not None
+        assert "clock" in status.last_error

@@ -94,12 +94,14 @@ def test_client_credentials_are_replaced_by_the_bearer_token_in_any_case() -> No
         ("Api-Key", "k2"),
         ("authorization", "Bearer client"),
         ("AUTHORIZATION", "Basic x"),
+        ("Ocp-Apim-Subscription-Key", "k3"),
         ("Content-Type", "application/json"),
     ]
     out = upstream_request_headers(incoming, token="tok", host="res.openai.azure.com")
     assert ("Authorization", "Bearer tok") in out
     assert _names(out).count("authorization") == 1
     assert "api-key" not in _names(out)
+    assert "ocp-apim-subscription-key" not in _names(out)
     assert ("Content-Type", "application/json") in out
 
 
@@ -157,3 +159,8 @@ def test_response_headers_keep_cookies_and_rate_limits_but_not_hop_by_hop() -> N
         ("apim-request-id", "r1"),
         ("Content-Encoding", "gzip"),
     ]
+
+
+def test_targets_that_are_not_origin_form_are_never_logged() -> None:
+    assert redact_target("http://user:s3cret@evil.example/x?sig=abc") == "<non-origin-form target>"
+    assert redact_target("evil.example:443") == "<non-origin-form target>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -24,7 +25,10 @@ async def demo_environment(*, port: int = 8080) -> AsyncIterator[dict[str, str]]
     """
     with tempfile.TemporaryDirectory(prefix="aoai-auth-proxy-demo-") as directory:
         ca = CertificateAuthority.create("aoai-auth-proxy demo CA")
-        client = ca.issue_client_certificate("aoai-auth-proxy demo client")
+        client = ca.issue_client_certificate(
+            "aoai-auth-proxy demo client",
+            not_after=dt.datetime.now(dt.UTC) + dt.timedelta(days=365),  # no expiry warning
+        )
         certificate = client.write(Path(directory, "certificate.pem"))
         ca_file = ca.write_ca_file(Path(directory, "ca.pem"))
         async with EntraStandIn(ca) as entra, AzureOpenAIStandIn(entra, ca) as aoai:

@@ -1,0 +1,56 @@
+"""Process state for shutdown: whether draining began, and which requests are still in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+
+class Lifecycle:
+    """The one piece of mutable process state. Invariant: `idle` is set exactly when no
+    request is in flight; `draining` only ever goes from False to True."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self._inflight: set[asyncio.Task[Any]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    def middleware(self) -> Middleware:
+        """Counts each request from routing until its handler returns or is cancelled."""
+
+        @web.middleware
+        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
+            task = asyncio.current_task()
+            assert task is not None
+            self._inflight.add(task)
+            self._idle.clear()
+            try:
+                return await handler(request)
+            finally:
+                self._inflight.discard(task)
+                if not self._inflight:
+                    self._idle.set()
+
+        return track
+
+    async def wait_idle(self, seconds: float) -> bool:
+        """True if every in-flight request finished within `seconds`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), seconds)
+        return self._idle.is_set()
+
+    def cancel_inflight(self) -> int:
+        """Cancel what is still running (the grace period is over); returns how many."""
+        tasks = list(self._inflight)
+        for task in tasks:
+            task.cancel()
+        return len(tasks)
