@@ -13,9 +13,10 @@ from .errors import BadRequest
 
 Headers = Sequence[tuple[str, str]]
 
-# RFC 9110 7.6.1: hop-by-hop fields apply to one connection only and are never forwarded;
-# nor is any field the Connection header names. Proxy-* fields are for this hop as well, and
-# `Expect: 100-continue` is answered by the proxy itself, as nginx does.
+# RFC 9110 7.6.1: hop-by-hop fields apply to one connection only and are never forwarded,
+# nor is any field the Connection header names. Trailer (hop-by-hop in RFC 2616 13.5.1) and
+# Proxy-* are for this hop as well; `Expect: 100-continue` is answered by the proxy itself, as
+# nginx does.
 HOP_BY_HOP = frozenset(
     {
         "connection",

@@ -274,6 +274,15 @@ async def test_upload_of_20_mb_streams_with_flat_memory(running: ProxyProcess) -
     assert growth < 8 * 1024 * 1024, f"proxy RSS grew {growth / 2**20:.1f} MiB for a 20 MiB body"
 
 
+async def test_start_up_log_names_the_credential_and_warns_of_a_certificate_expiring_soon(
+    running: ProxyProcess, client_certificate: ClientCertificate
+) -> None:
+    # the test certificate lives 7 days: inside the 30-day warning window
+    assert f"signing in to Entra ID as client {CLIENT_ID} in tenant {TENANT_ID}" in running.log
+    assert client_certificate.thumbprint_sha1 in running.log
+    assert "it expires soon" in running.log
+
+
 async def test_logs_carry_no_token_key_or_certificate(
     running: ProxyProcess, aoai: AzureOpenAIStandIn, client_certificate: ClientCertificate
 ) -> None:

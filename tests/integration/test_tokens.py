@@ -9,7 +9,7 @@ import aiohttp
 import jwt
 
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, EntraStandIn
-from tests.conftest import ProxyFactory
+from tests.conftest import ProxyFactory, wait_ready
 
 ECHO = "/openai/deployments/d/embeddings?api-version=2024-10-21"
 
@@ -103,7 +103,7 @@ async def test_health_is_503_until_the_first_token_then_exactly_the_seed_body(
             assert (await response.json())["status"] == "unavailable"
         async with session.get(proxy.url + "/health/live") as response:
             assert response.status == 200  # liveness does not depend on Entra
-        await asyncio.sleep(1.0)
+        await wait_ready(proxy.url)
         for path in ("/health", "/health/ready"):
             async with session.get(proxy.url + path) as response:
                 assert response.status == 200

@@ -148,22 +148,29 @@ async def test_requests_without_a_token_do_not_hammer_entra() -> None:
     assert await source.token() == "token-2"
 
 
-async def test_background_loop_acquires_then_refreshes_ahead_of_expiry() -> None:
+async def test_background_loop_refreshes_ahead_of_expiry_and_never_hands_out_an_expired_token() -> (
+    None
+):
     clock = asyncio.get_running_loop().time
     fetcher = FakeFetcher(clock, lifetime=0.4)  # tokens of 0.4 s, on the real clock
     source = RefreshingTokenSource(fetcher, clock=clock)
+    issued: dict[str, float] = {}
+    original = fetcher.fetch
+
+    async def recording_fetch() -> Token:
+        token = await original()
+        issued[token.value] = token.expires_on
+        return token
+
+    fetcher.fetch = recording_fetch  # type: ignore[method-assign]
     async with source:
-        for _ in range(100):
-            if source.status().ready:
-                break
-            await asyncio.sleep(0.01)
-        assert fetcher.calls == 1
-        seen = set()
-        for _ in range(20):  # 1 s: several lifetimes
-            seen.add(await source.token())
-            await asyncio.sleep(0.05)
-        assert 3 <= fetcher.calls <= 5
-        assert len(seen) >= 3
+        deadline = clock() + 5.0
+        while fetcher.calls < 5 and clock() < deadline:
+            value = await source.token()
+            assert issued[value] > clock()  # handed out only while unexpired
+            await asyncio.sleep(0.02)
+    assert fetcher.calls >= 5  # it kept refreshing by itself, in the background
+    assert len(issued) == fetcher.calls
 
 
 async def test_fetch_that_hangs_times_out_with_a_reason() -> None:
