@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -27,6 +27,8 @@ from aoai_auth_proxy.testing import (
 # LiteLLM downloads a model price map at import time unless told to use its bundled copy;
 # tests reach loopback only.
 os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+
+_T = TypeVar("_T")
 
 TENANT_ID = "72f988bf-86f1-41af-91ab-2d7cd011db47"
 CLIENT_ID = "0b3c2a7e-5d1f-4e0a-9c8b-6a4d2f1e3b5c"
@@ -82,6 +84,18 @@ async def wait_ready(url: str, timeout: float = 10.0) -> None:
                 if response.status == 200:
                     return
             await asyncio.sleep(0.02)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[_T]], expected: _T, *, seconds: float = 5.0
+) -> bool:
+    """Poll `probe` until it returns `expected` (True) or `seconds` pass (False)."""
+    deadline = asyncio.get_running_loop().time() + seconds
+    while asyncio.get_running_loop().time() < deadline:
+        if await probe() == expected:
+            return True
+        await asyncio.sleep(0.1)
+    return await probe() == expected
 
 
 @pytest.fixture

@@ -1,20 +1,23 @@
-"""The application factory: wires settings, token source and upstream into an aiohttp app."""
+"""The application factories: the proxy app, and the admin app (probes and metrics only)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .credentials import RefreshingTokenSource, TokenSource
 from .errors import ProxyError
 from .forwarding import redact_target
-from .health import health_routes
+from .health import HEALTH_PATHS, health_routes
+from .inbound import InboundKeys, require_key
 from .lifecycle import Lifecycle
 from .logs import log_cancelled
+from .metrics import Metrics
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
 from .signin import EntraTokenFetcher
@@ -25,19 +28,27 @@ SETTINGS = web.AppKey("settings", Settings)
 TOKEN_SOURCE = web.AppKey("token_source", TokenSource)
 UPSTREAM = web.AppKey("upstream", Upstream)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
+METRICS = web.AppKey("metrics", Metrics)
+METRICS_PATH = "/metrics"
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-
-def default_token_source(settings: Settings) -> RefreshingTokenSource:
+def default_token_source(settings: Settings, metrics: Metrics) -> RefreshingTokenSource:
     """The configured Entra ID sign-in, its token refreshed in the background."""
-    fetcher = EntraTokenFetcher(settings, client_ssl_context(settings.ca_file))
-    return RefreshingTokenSource(fetcher, fetch_timeout=settings.token_timeout)
+    fetcher = EntraTokenFetcher(
+        settings,
+        client_ssl_context(settings.ca_file),
+        on_certificate=lambda c: metrics.certificate_loaded(
+            c.thumbprint_sha1, c.not_after.timestamp()
+        ),
+    )
+    return RefreshingTokenSource(
+        fetcher, fetch_timeout=settings.token_timeout, on_fetch=metrics.token_fetched
+    )
 
 
 def default_upstream(settings: Settings) -> AiohttpUpstream:
     return AiohttpUpstream(
-        client_ssl_context(settings.ca_file),
+        client_ssl_context(settings.ca_file, settings.upstream_ca_file),
         connect_timeout=settings.connect_timeout,
         read_timeout=settings.read_timeout,
     )
@@ -50,15 +61,28 @@ def create_app(
     upstream: Upstream | None = None,
 ) -> web.Application:
     """Build the proxy application; its token source and upstream open and close with it."""
-    tokens = token_source if token_source is not None else default_token_source(settings)
+    metrics = Metrics()
+    tokens = token_source if token_source is not None else default_token_source(settings, metrics)
     outbound = upstream if upstream is not None else default_upstream(settings)
     lifecycle = Lifecycle()
+    metrics.watch_token(tokens.status)
 
-    app = web.Application(middlewares=[lifecycle.middleware(), log_cancelled, _proxy_errors])
+    reserved = frozenset((*HEALTH_PATHS, METRICS_PATH))
+    middlewares = [
+        lifecycle.middleware(),
+        metrics.middleware(exempt=reserved),
+        log_cancelled,
+        _proxy_errors,
+    ]
+    if settings.api_keys is not None:
+        # Probes stay open: kubelet and load balancers cannot send a key.
+        middlewares.append(require_key(InboundKeys(settings.api_keys), exempt=HEALTH_PATHS))
+    app = web.Application(middlewares=middlewares)
     app[SETTINGS] = settings
     app[TOKEN_SOURCE] = tokens
     app[UPSTREAM] = outbound
     app[LIFECYCLE] = lifecycle
+    app[METRICS] = metrics
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
@@ -74,10 +98,20 @@ def create_app(
         return await relay(request, settings, tokens, outbound)
 
     app.add_routes(health_routes(tokens, lifecycle))
+    app.router.add_get(METRICS_PATH, metrics.handler)
     # Every other method and path is forwarded; aiohttp's router does not normalise the raw
     # path we forward (relay reads request.raw_path).
     app.router.add_route("*", "/{path:.*}", forward)
     return app
+
+
+def create_admin_app(app: web.Application) -> web.Application:
+    """Probes and /metrics of `app` for a separate listener (PROXY_ADMIN_PORT): kubelet and
+    Prometheus reach them while the proxy port stays on 127.0.0.1. Nothing is forwarded."""
+    admin = web.Application()
+    admin.add_routes(health_routes(app[TOKEN_SOURCE], app[LIFECYCLE]))
+    admin.router.add_get(METRICS_PATH, app[METRICS].handler)
+    return admin
 
 
 @web.middleware

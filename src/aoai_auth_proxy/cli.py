@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -147,19 +149,22 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
     # left installed, so a second Ctrl-C during the bounded drain is absorbed.
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    _raise_open_file_limit()
     server = ProxyServer(settings)
     try:
         url = await server.start()
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc.strerror)
         return EXIT_FAILURE
-    if not settings.binds_loopback_only:
+    if not settings.binds_loopback_only and settings.api_keys is None:
         log.warning(
-            "listening on %s, which is not a loopback address: anyone who can reach it "
-            "can spend this identity's Azure OpenAI quota",
+            "listening on %s, which is not a loopback address, without PROXY_API_KEY: anyone "
+            "who can reach it can spend this identity's Azure OpenAI quota",
             settings.host,
         )
     log.info("listening on %s, forwarding to %s", url, settings.api_base_url)
+    if server.admin_url:
+        log.info("probes and /metrics also on %s", server.admin_url)
     log.info("signing in to Entra ID as %s", settings.identity.describe())
     if settings.identity.kind is CredentialKind.CERTIFICATE:
         certificate = settings.identity.load_certificate()
@@ -176,3 +181,12 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
     await server.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+def _raise_open_file_limit() -> None:
+    """Each connection can hold two descriptors; many systems start processes at 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))

@@ -12,7 +12,7 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .identity import Identity, load_identity
+from .identity import Identity, SecretSource, load_identity
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -25,6 +25,13 @@ DEFAULT_READ_TIMEOUT_SECONDS = 600.0
 # Kubernetes kills a pod 30 s after SIGTERM by default: drain within that, with slack.
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
 DEFAULT_TOKEN_TIMEOUT_SECONDS = 30.0
+# A client has this long to send a request's headers (and an idle keep-alive connection lives
+# this long), like nginx's client_header_timeout.
+DEFAULT_HEADER_TIMEOUT_SECONDS = 60.0
+DEFAULT_ADMIN_HOST = "0.0.0.0"  # noqa: S104 - kubelet probes and Prometheus come from outside
+DEFAULT_REPLAY_MAX_BYTES = 1024 * 1024
+# Each client connection can hold an upstream one: two descriptors, well under common limits.
+DEFAULT_MAX_CONNECTIONS = 1000
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 
@@ -47,6 +54,13 @@ class Settings:
     token_timeout: float = DEFAULT_TOKEN_TIMEOUT_SECONDS
     log_level: str = "INFO"
     log_format: str = "text"
+    upstream_ca_file: Path | None = None  # PROXY_UPSTREAM_CA_FILE: upstream only, added trust
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT_SECONDS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    replay_max_bytes: int = DEFAULT_REPLAY_MAX_BYTES
+    admin_host: str = DEFAULT_ADMIN_HOST
+    admin_port: int | None = None
+    api_keys: SecretSource | None = None  # PROXY_API_KEY(_FILE): comma-separated inbound keys
 
     @property
     def upstream_host(self) -> str:
@@ -92,14 +106,28 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
     else:
         api_base_url = parse("API_BASE_URL", "", _base_url)
 
-    ca_file = Path(get("SSL_CERT_FILE")) if get("SSL_CERT_FILE") else None
-    if ca_file is not None:
+    def ca_bundle(name: str) -> Path | None:
+        if not get(name):
+            return None
+        path = Path(get(name))
         try:
-            ssl.create_default_context().load_verify_locations(cafile=str(ca_file))
+            ssl.create_default_context().load_verify_locations(cafile=str(path))
         except (OSError, ssl.SSLError) as exc:
-            problems.append(
-                f"SSL_CERT_FILE={str(ca_file)!r} is not a readable PEM CA bundle: {exc}"
-            )
+            problems.append(f"{name}={str(path)!r} is not a readable PEM CA bundle: {exc}")
+        return path
+
+    api_keys = None
+    if get("PROXY_API_KEY") and get("PROXY_API_KEY_FILE"):
+        problems.append("PROXY_API_KEY and PROXY_API_KEY_FILE are both set: keep one")
+    elif get("PROXY_API_KEY_FILE"):
+        api_keys = SecretSource("PROXY_API_KEY", path=Path(get("PROXY_API_KEY_FILE")))
+    elif get("PROXY_API_KEY"):
+        api_keys = SecretSource("PROXY_API_KEY", value=get("PROXY_API_KEY"))
+    if api_keys is not None:
+        try:
+            parse_keys(api_keys.read())
+        except ValueError as exc:
+            problems.append(str(exc))
 
     settings = Settings(
         identity=identity,
@@ -108,7 +136,7 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         port=parse("PORT", DEFAULT_PORT, _port),
         scope=parse("AZURE_SCOPE", DEFAULT_SCOPE, _scope),
         authority_host=parse("AZURE_AUTHORITY_HOST", DEFAULT_AUTHORITY_HOST, _authority),
-        ca_file=ca_file,
+        ca_file=ca_bundle("SSL_CERT_FILE"),
         connect_timeout=parse("PROXY_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT_SECONDS, _seconds),
         read_timeout=parse("PROXY_READ_TIMEOUT", DEFAULT_READ_TIMEOUT_SECONDS, _seconds),
         shutdown_timeout=parse(
@@ -118,10 +146,41 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         token_timeout=parse("PROXY_TOKEN_TIMEOUT", DEFAULT_TOKEN_TIMEOUT_SECONDS, _seconds),
         log_level=parse("PROXY_LOG_LEVEL", "INFO", _log_level),
         log_format=parse("PROXY_LOG_FORMAT", "text", _log_format),
+        upstream_ca_file=ca_bundle("PROXY_UPSTREAM_CA_FILE"),
+        header_timeout=parse("PROXY_HEADER_TIMEOUT", DEFAULT_HEADER_TIMEOUT_SECONDS, _seconds),
+        max_connections=parse("PROXY_MAX_CONNECTIONS", DEFAULT_MAX_CONNECTIONS, _positive_int),
+        replay_max_bytes=parse("PROXY_REPLAY_MAX_BYTES", DEFAULT_REPLAY_MAX_BYTES, _size),
+        admin_host=get("PROXY_ADMIN_HOST") or DEFAULT_ADMIN_HOST,
+        admin_port=parse("PROXY_ADMIN_PORT", None, _port),
+        api_keys=api_keys,
     )
+    if settings.admin_port is not None and settings.admin_port == settings.port != 0:
+        problems.append(f"PROXY_ADMIN_PORT={settings.admin_port} is the same as PORT")
     if problems:
         raise ConfigError(problems)
     return settings
+
+
+def parse_keys(raw: str) -> tuple[str, ...]:
+    """Inbound keys, comma separated so that a new one can be added before the old is removed."""
+    keys = tuple(key.strip() for key in raw.split(","))
+    if not all(keys):
+        raise ValueError("PROXY_API_KEY holds an empty key (check for stray commas)")
+    return keys
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a positive whole number")
+    return value
+
+
+def _size(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be a number of bytes, 0 or more")
+    return value
 
 
 def _port(raw: str) -> int:

@@ -36,8 +36,10 @@ EXPIRY_MARGIN_FRACTION = 0.1
 EXPIRY_MARGIN_MAX_SECONDS = 60.0
 RETRY_BASE_SECONDS = 1.0
 RETRY_MAX_SECONDS = 30.0
-# A request finding no usable token may trigger a fetch itself, at most this often.
+# A request finding no usable token may trigger a fetch itself, at most this often; so may an
+# upstream 401 (a token revoked or a role changed before its expiry).
 DEMAND_FETCH_MIN_INTERVAL_SECONDS = 5.0
+RENEW_MIN_INTERVAL_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,11 @@ class TokenSource(Protocol):
         """A usable token, or raise NoValidToken (carrying Entra's error)."""
         ...
 
+    async def renew(self, rejected: str) -> bool:
+        """The upstream refused `rejected` (401): get a different token if allowed now.
+        True when a different usable token is held afterwards."""
+        ...
+
     def status(self) -> TokenStatus: ...
 
 
@@ -119,8 +126,11 @@ class RefreshingTokenSource:
         fetch_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
         jitter: Callable[[], float] = random.random,
+        on_fetch: Callable[[str | None], None] | None = None,
     ) -> None:
         self._fetcher = fetcher
+        self._on_fetch = on_fetch or (lambda error: None)
+        self._last_renewal = float("-inf")
         self._fetch_timeout = fetch_timeout
         self._clock = clock
         self._jitter = jitter
@@ -182,6 +192,20 @@ class RefreshingTokenSource:
         reason = self._last_error or "the first token has not been acquired yet"
         raise NoValidToken(f"No valid Entra ID token for the upstream: {reason}")
 
+    async def renew(self, rejected: str) -> bool:
+        held = self._token
+        if held is not None and held.value != rejected and held.usable(self._clock()):
+            return True  # another request already renewed it
+        if self._clock() - self._last_renewal < RENEW_MIN_INTERVAL_SECONDS:
+            return False  # an upstream that rejects every token must not hammer Entra
+        self._last_renewal = self._clock()
+        log.warning("the upstream refused the current token (401); fetching a new one")
+        try:
+            token = await self.refresh()
+        except TokenAcquisitionError:
+            return False
+        return token.value != rejected
+
     async def refresh(self) -> Token:
         """Fetch a new token now, joining a fetch already in flight (single flight)."""
         if self._inflight is None:
@@ -196,29 +220,29 @@ class RefreshingTokenSource:
         try:
             async with asyncio.timeout(self._fetch_timeout):
                 token = await self._fetcher.fetch()
+            now = self._clock()
+            if not token.usable(now):
+                # Already expired on arrival: clocks disagree, or the lifetime is absurdly
+                # short. Refused, so the loop backs off instead of re-fetching in a tight loop.
+                raise TokenAcquisitionError(
+                    f"Entra ID returned a token expiring {_iso(token.expires_on)}, already "
+                    "(nearly) expired by this machine's clock: check the clock (NTP)"
+                )
         except TimeoutError:
-            self._last_error = f"Entra ID did not answer within {self._fetch_timeout:g} s"
+            self._failed(f"Entra ID did not answer within {self._fetch_timeout:g} s")
             raise TokenAcquisitionError(self._last_error) from None
         except TokenAcquisitionError as exc:
-            self._last_error = str(exc)
+            self._failed(str(exc))
             raise
         except Exception as exc:
             # A fetcher bug or an unexpected library error must not end the refresh loop;
             # it is reported like any other failure, with its cause chain in the log.
             log.error("token fetch failed unexpectedly", exc_info=exc)
-            self._last_error = f"{type(exc).__name__}: {exc}"
+            self._failed(f"{type(exc).__name__}: {exc}")
             raise TokenAcquisitionError(self._last_error) from exc
         finally:
             self._inflight = None
-        now = self._clock()
-        if not token.usable(now):
-            # Already expired on arrival: clocks disagree, or the lifetime is absurdly short.
-            # Refuse it, so the loop backs off instead of re-fetching in a tight loop.
-            self._last_error = (
-                f"Entra ID returned a token expiring {_iso(token.expires_on)}, already (nearly) "
-                "expired by this machine's clock: check the clock (NTP)"
-            )
-            raise TokenAcquisitionError(self._last_error)
+        self._on_fetch(None)
         self._token = token
         self._last_error = None
         self._next_refresh = refresh_time(token, self._jitter())
@@ -229,6 +253,10 @@ class RefreshingTokenSource:
         )
         self._wake.set()  # the loop re-plans its sleep around the new token
         return token
+
+    def _failed(self, error: str) -> None:
+        self._last_error = error
+        self._on_fetch(error)
 
     async def _refresh_loop(self) -> None:
         failures = 0

@@ -32,9 +32,10 @@ class ProxyError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "proxy_error"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.kind = kind  # for upstream failures: connect, timeout, reset or protocol
 
     def error_body(self) -> bytes:
         """The OpenAI-shaped JSON the SDKs parse: {"error": {"message", "type", "code"}}."""

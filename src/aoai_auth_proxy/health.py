@@ -10,6 +10,8 @@ from aiohttp import web
 from .credentials import TokenSource, TokenStatus
 from .lifecycle import Lifecycle
 
+HEALTH_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
+
 
 def readiness(token: TokenStatus, *, draining: bool) -> tuple[int, dict[str, Any]]:
     """Status and body for /health: ready only with a usable token and while not draining."""

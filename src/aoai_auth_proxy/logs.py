@@ -26,6 +26,8 @@ class UpstreamTiming:
     ttfb: float | None = None  # seconds until the upstream's status line and headers
     request_id: str | None = None  # apim-request-id or x-request-id
     aborted: str | None = None  # why a started response was cut: upstream:<code>, client_gone
+    error_kind: str | None = None  # connect, timeout, reset or protocol, when the upstream failed
+    replayed: bool = False  # the upstream refused the token (401); renewed and sent again
 
 
 UPSTREAM_TIMING = web.RequestKey("upstream_timing", UpstreamTiming)
@@ -112,6 +114,7 @@ def log_access(
         "method": request.method,
         "path": redact_target(request.raw_path),
         "status": status,
+        "bytes_in": request.content.total_bytes,
         "bytes_out": bytes_out,
         "duration_ms": round(seconds * 1000, 1),
         "upstream_ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
@@ -119,6 +122,8 @@ def log_access(
     }
     if upstream.aborted:
         fields["aborted"] = upstream.aborted
+    if upstream.replayed:
+        fields["replayed"] = True
     text = " ".join(
         f"{key}={value}"
         for key, value in fields.items()

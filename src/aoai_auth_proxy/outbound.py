@@ -14,8 +14,8 @@ import aiohttp
 _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
-def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
-    """Verify against the system store, plus `ca_file` for private CAs; never unverified.
+def client_ssl_context(*ca_files: Path | None) -> ssl.SSLContext:
+    """Verify against the system store, plus `ca_files` for private CAs; never unverified.
 
     OpenSSL lets SSL_CERT_FILE *replace* the system bundle; we load the system paths that
     OpenSSL was built with explicitly, then add the extra file, so both are trusted.
@@ -25,8 +25,9 @@ def client_ssl_context(ca_file: Path | None) -> ssl.SSLContext:
     for cafile, capath in ((paths.openssl_cafile, None), (None, paths.openssl_capath)):
         with contextlib.suppress(FileNotFoundError, ssl.SSLError):  # an image may lack one
             context.load_verify_locations(cafile=cafile, capath=capath)
-    if ca_file is not None:
-        context.load_verify_locations(cafile=str(ca_file))
+    for ca_file in ca_files:
+        if ca_file is not None:
+            context.load_verify_locations(cafile=str(ca_file))
     return context
 
 

@@ -7,6 +7,7 @@ so either side can be replaced by a faster implementation without touching the t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 import time
@@ -38,7 +39,7 @@ class UpstreamRequest:
     method: str
     url: str
     headers: Sequence[tuple[str, str]] = field(repr=False)
-    body: AsyncIterable[bytes] | None = field(repr=False)
+    body: AsyncIterable[bytes] | bytes | None = field(repr=False)
 
 
 class UpstreamResponse(Protocol):
@@ -69,13 +70,19 @@ class Upstream(Protocol):
 def upstream_error(exc: BaseException, url: str) -> ProxyError:
     """The one place where outbound-client exceptions become the proxy's own errors."""
     origin = str(URL(url).origin())
-    if isinstance(exc, TimeoutError):  # includes aiohttp's connect and idle-read timeouts
-        return GatewayTimeout(f"Upstream {origin} did not answer in time")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return GatewayTimeout(f"Cannot connect to upstream {origin}: timed out", kind="connect")
+    if isinstance(exc, TimeoutError):  # aiohttp's idle-read timeout
+        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return BadGateway(f"Cannot connect to upstream {origin}: {exc.os_error or exc}")
-    if isinstance(exc, aiohttp.ServerDisconnectedError):
-        return BadGateway(f"Upstream {origin} closed the connection before answering")
-    return BadGateway(f"Upstream {origin} failed: {type(exc).__name__}: {exc}")
+        return BadGateway(
+            f"Cannot connect to upstream {origin}: {exc.os_error or exc}", kind="connect"
+        )
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return BadGateway(f"Upstream {origin} closed the connection: {exc}", kind="reset")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return BadGateway(f"Upstream {origin} broke off its response: {exc}", kind="reset")
+    return BadGateway(f"Upstream {origin} failed: {type(exc).__name__}: {exc}", kind="protocol")
 
 
 class _AiohttpResponse:
@@ -144,46 +151,98 @@ class AiohttpUpstream:
 async def relay(
     request: web.Request, settings: Settings, token_source: TokenSource, upstream: Upstream
 ) -> web.StreamResponse:
-    """Forward one request and stream the response back; never buffers a body."""
+    """Forward one request and stream the response back; never buffers a body beyond
+    PROXY_REPLAY_MAX_BYTES (kept so that a request refused with 401 can be sent again)."""
     url = upstream_url(settings.api_base_url, request.raw_path)
-    token = await token_source.token()
-    headers = upstream_request_headers(
-        [(_text(k), _text(v)) for k, v in request.raw_headers],
-        token=token,
-        host=settings.upstream_host,
-    )
-    body = request.content if request.body_exists else None
+    client_headers = [(_text(k), _text(v)) for k, v in request.raw_headers]
+    kept = await _replayable_body(request, settings.replay_max_bytes)
+    body: AsyncIterable[bytes] | bytes | None = kept
+    if kept is None and request.body_exists:
+        body = request.content
     timing = request[UPSTREAM_TIMING] = UpstreamTiming()
     started = time.monotonic()
-    async with upstream.open(UpstreamRequest(request.method, url, headers, body)) as answer:
+
+    def outbound(token: str) -> UpstreamRequest:
+        headers = upstream_request_headers(client_headers, token=token, host=settings.upstream_host)
+        return UpstreamRequest(request.method, url, headers, body)
+
+    # Azure may refuse a token we believed valid (revoked, role changed): on a 401 the token
+    # is renewed once (single flight, rate limited) and a kept request sent again. The SDKs'
+    # own 429/5xx retries stay theirs: this is the proxy's only retry.
+    token = await token_source.token()
+    async with contextlib.AsyncExitStack() as stack:
+        answer = await _open(stack, upstream, outbound(token), timing)
+        replayable = not isinstance(body, AsyncIterable)
+        if answer.status == 401 and replayable and await token_source.renew(token):
+            await stack.aclose()  # the 401 is dropped unread, its connection closed
+            token = await token_source.token()
+            timing.replayed = True
+            answer = await _open(stack, upstream, outbound(token), timing)
         timing.ttfb = time.monotonic() - started
-        response = web.StreamResponse(status=answer.status, reason=answer.reason)
-        for name, value in client_response_headers(answer.headers):
-            response.headers.add(name, value)
-        timing.request_id = response.headers.get("apim-request-id") or response.headers.get(
-            "x-request-id"
-        )
-        try:
-            await response.prepare(request)
-        except ValueError as exc:
-            # aiohttp refuses to write a header with control characters (RFC 9110 5.5);
-            # nothing has been sent yet, so the client gets a clean 502.
-            raise BadGateway(f"Upstream sent a header the proxy cannot relay: {exc}") from None
-        except ConnectionError:
-            timing.aborted = "client_gone"  # it left while the upstream was thinking
-            return response
-        try:
-            async for chunk in answer.chunks():
-                await response.write(chunk)
-        except ProxyError as exc:
-            # The status line is already out: the only honest signal left is to abort the
-            # connection, so the client sees a truncated response and not a clean end.
-            log.warning("upstream broke off mid-response, aborting the client: %s", exc.message)
-            timing.aborted = f"upstream:{exc.code}"
-            _abort(request)
-        except ConnectionError:
-            timing.aborted = "client_gone"  # the client closed its side while we wrote
-            _abort(request)
+        return await _stream_back(request, answer, timing)
+
+
+async def _replayable_body(request: web.Request, limit: int) -> bytes | None:
+    """The request body when it is small enough to keep for a replay (its Content-Length is
+    known and at most `limit`); None when it must stream instead, or there is none."""
+    length = request.content_length
+    if (
+        not request.body_exists
+        or length is None
+        or length > limit
+        or "chunked" in (request.headers.get("Transfer-Encoding", "").lower())
+    ):
+        return None
+    return await request.content.readexactly(length)
+
+
+async def _open(
+    stack: contextlib.AsyncExitStack,
+    upstream: Upstream,
+    outbound: UpstreamRequest,
+    timing: UpstreamTiming,
+) -> UpstreamResponse:
+    try:
+        return await stack.enter_async_context(upstream.open(outbound))
+    except ProxyError as exc:
+        timing.error_kind = exc.kind
+        raise
+
+
+async def _stream_back(
+    request: web.Request, answer: UpstreamResponse, timing: UpstreamTiming
+) -> web.StreamResponse:
+    response = web.StreamResponse(status=answer.status, reason=answer.reason)
+    for name, value in client_response_headers(answer.headers):
+        response.headers.add(name, value)
+    timing.request_id = response.headers.get("apim-request-id") or response.headers.get(
+        "x-request-id"
+    )
+    try:
+        await response.prepare(request)
+    except ValueError as exc:
+        # aiohttp refuses to write a header with control characters (RFC 9110 5.5); nothing
+        # has been sent yet, so the client gets a clean 502.
+        timing.error_kind = "protocol"
+        raise BadGateway(
+            f"Upstream sent a header the proxy cannot relay: {exc}", kind="protocol"
+        ) from None
+    except ConnectionError:
+        timing.aborted = "client_gone"  # it left while the upstream was thinking
+        return response
+    try:
+        async for chunk in answer.chunks():
+            await response.write(chunk)
+    except ProxyError as exc:
+        # The status line is already out: the only honest signal left is to abort the
+        # connection, so the client sees a truncated response and not a clean end.
+        log.warning("upstream broke off mid-response, aborting the client: %s", exc.message)
+        timing.aborted = f"upstream:{exc.code}"
+        timing.error_kind = exc.kind
+        _abort(request)
+    except ConnectionError:
+        timing.aborted = "client_gone"  # the client closed its side while we wrote
+        _abort(request)
     return response
 
 

@@ -3,18 +3,22 @@
 Shutdown order, as uvicorn and cloud-sql-proxy do it: readiness turns 503 at once; after
 PROXY_SHUTDOWN_DELAY (time for endpoints to stop routing here) the listener closes and idle
 keep-alive connections with it; in-flight requests and streams get PROXY_SHUTDOWN_TIMEOUT to
-finish; what is left is cancelled; then the token source and upstream pool close.
+finish; what is left is cancelled; then the token source and upstream pool close, and last the
+admin listener, which answers probes (503) until then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
-from .app import LIFECYCLE, TOKEN_SOURCE, create_app
+from .app import LIFECYCLE, METRICS, TOKEN_SOURCE, create_admin_app, create_app
 from .config import Settings
+from .errors import ERROR_TYPE
 from .logs import ACCESS_LOGGER, AccessLogger
 
 log = logging.getLogger(__name__)
@@ -22,10 +26,12 @@ log = logging.getLogger(__name__)
 # After our own drain, aiohttp's cleanup only closes what is already finished or cancelled.
 _CLEANUP_TIMEOUT_SECONDS = 1.0
 _READY_POLL_SECONDS = 0.05
+# A refused connection gets this long to send its request head before the 503 goes out.
+_REFUSE_READ_SECONDS = 1.0
 
 
 class ProxyServer:
-    """One proxy listener: `await start()`, then `await stop()` (which drains)."""
+    """The proxy listener and the optional admin listener: `await start()`, `await stop()`."""
 
     def __init__(self, settings: Settings, app: web.Application | None = None) -> None:
         self.settings = settings
@@ -37,22 +43,37 @@ class ProxyServer:
             access_log=logging.getLogger(ACCESS_LOGGER),
             # A client that goes away cancels its handler, and with it the upstream request.
             handler_cancellation=True,
+            # aiohttp's keep-alive timer also bounds how long a client may take to send a
+            # request's headers (a slow-header client is closed), as client_header_timeout.
+            keepalive_timeout=settings.header_timeout,
             shutdown_timeout=_CLEANUP_TIMEOUT_SECONDS,
         )
+        self._admin: web.AppRunner | None = None
         self.url = ""
+        self.admin_url = ""
 
     async def start(self) -> str:
-        """Open resources and listen; returns the URL. OSError if the address cannot be bound."""
+        """Open resources and listen; returns the URL. OSError if an address cannot be bound."""
+        settings = self.settings
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.host, self.settings.port)
         try:
+            site = _LimitedSite(
+                self._runner,
+                settings.host,
+                settings.port,
+                limit=settings.max_connections,
+                on_refused=self.app[METRICS].connections_refused.inc,
+            )
             await site.start()
+            self.url = _url(self._runner)
+            if settings.admin_port is not None:
+                self._admin = web.AppRunner(create_admin_app(self.app), access_log=None)
+                await self._admin.setup()
+                await web.TCPSite(self._admin, settings.admin_host, settings.admin_port).start()
+                self.admin_url = _url(self._admin)
         except BaseException:
-            await self._runner.cleanup()
+            await self._cleanup()
             raise
-        host, port = self._runner.addresses[0][:2]
-        shown = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - display only
-        self.url = f"http://{shown}:{port}"
         return self.url
 
     async def wait_ready(self, stop: asyncio.Event) -> bool:
@@ -89,4 +110,103 @@ class ProxyServer:
             cut = lifecycle.cancel_inflight()
             log.warning("shutdown grace period over: cancelled %d request(s) still running", cut)
             await lifecycle.wait_idle(_CLEANUP_TIMEOUT_SECONDS)
+        await self._cleanup()
+
+    async def _cleanup(self) -> None:
         await self._runner.cleanup()
+        if self._admin is not None:
+            await self._admin.cleanup()
+
+
+def _url(runner: web.AppRunner) -> str:
+    host, port = runner.addresses[0][:2]
+    shown = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - display only
+    return f"http://{shown}:{port}"
+
+
+class _LimitedSite(web.TCPSite):
+    """A TCP listener that answers connections beyond `limit` with an immediate 503, like
+    Envoy's overload manager: existing streams keep flowing and a client is never left
+    waiting in an accept queue."""
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        limit: int,
+        on_refused: Callable[[], None],
+    ) -> None:
+        super().__init__(runner, host, port)
+        self._limit = limit
+        self._on_refused = on_refused
+
+    async def start(self) -> None:
+        # web.TCPSite.start with the protocol factory wrapped; BaseSite.start registers us.
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(server.connections) >= self._limit:
+                self._on_refused()
+                return _Refuse(self._limit)
+            return server()
+
+        self._server = await asyncio.get_running_loop().create_server(
+            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
+
+
+class _Refuse(asyncio.Protocol):
+    """Answers 503 once the request head is in (or after a second), then half-closes and
+    discards what the client still sends: closing with unread data would send a reset that
+    can destroy the 503 before the client reads it."""
+
+    def __init__(self, limit: int) -> None:
+        message = f"The proxy is at its connection limit (PROXY_MAX_CONNECTIONS={limit})"
+        body = json.dumps(
+            {"error": {"message": message, "type": ERROR_TYPE, "code": "too_many_connections"}}
+        ).encode()
+        self._answer: bytes | None = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        self._tail = b""
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self._timer = asyncio.get_running_loop().call_later(_REFUSE_READ_SECONDS, self._respond)
+
+    def data_received(self, data: bytes) -> None:
+        window = self._tail + data
+        self._tail = window[-3:]
+        if self._answer is not None and b"\r\n\r\n" in window:
+            self._respond()
+
+    def _respond(self) -> None:
+        transport, answer = self._transport, self._answer
+        if transport is None or transport.is_closing():
+            return
+        if answer is None:  # answered already: the client had its second, close now
+            transport.close()
+            return
+        self._answer = None
+        transport.write(answer)
+        transport.write_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(_REFUSE_READ_SECONDS, self._respond)
+
+    def eof_received(self) -> bool:
+        return False  # the client is done too: let the transport close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()

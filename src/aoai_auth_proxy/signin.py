@@ -69,9 +69,16 @@ class LastGood(Generic[_T]):
 class EntraTokenFetcher:
     """Client credentials (certificate, secret, federated token) or managed identity."""
 
-    def __init__(self, settings: Settings, ssl_context: ssl.SSLContext) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        ssl_context: ssl.SSLContext,
+        *,
+        on_certificate: Callable[[ClientCertificate], None] | None = None,
+    ) -> None:
         self._settings = settings
         self._ssl_context = ssl_context
+        self._on_certificate = on_certificate or (lambda certificate: None)
         identity = settings.identity
         self._certificate = LastGood(
             f"certificate file {identity.certificate_path}",
@@ -91,6 +98,7 @@ class EntraTokenFetcher:
             log.info("certificate changed on disk, now using %s", certificate.describe())
         if certificate.expires_soon():
             log.warning("certificate expires soon: %s", certificate.describe())
+        self._on_certificate(certificate)
         return certificate
 
     async def fetch(self) -> Token:

@@ -144,7 +144,8 @@ class AzureOpenAIStandIn:
 
     Every request is recorded in `requests`, then must carry no `api-key` (403
     `AuthenticationTypeDisabled`) and a bearer token `entra` signed for `audience` (401).
-    Knobs: `stream_delay` (seconds between SSE events), `embedding_dimensions`, `add_route()`.
+    Knobs: `stream_delay` (seconds between SSE events), `embedding_dimensions`,
+    `revoked_token_ids`, `add_route()`.
     """
 
     def __init__(
@@ -159,6 +160,9 @@ class AzureOpenAIStandIn:
         allowed_clients: Collection[str] | None = None,
     ) -> None:
         self.requests: list[RecordedRequest] = []
+        # `jti`s of tokens to refuse with 401 although valid (revoked, or a role removed):
+        # what makes a proxy renew its token before expiry.
+        self.revoked_token_ids: set[str] = set()
         self.stream_delay = 0.0
         self.embedding_dimensions = 8
         self._entra = entra
@@ -262,6 +266,12 @@ class AzureOpenAIStandIn:
                 headers={AUTH_ERROR_HEADER: str(exc)},
             )
         client_id = str(claims["appid"])
+        if claims.get("jti") in self.revoked_token_ids:
+            return web.json_response(
+                {"error": {"code": "401", "message": "Unauthorized. Access token was revoked."}},
+                status=401,
+                headers={AUTH_ERROR_HEADER: "token revoked"},
+            )
         if self._allowed_clients is not None and client_id not in self._allowed_clients:
             message = "Principal does not have access to API/Operation."
             return web.json_response(

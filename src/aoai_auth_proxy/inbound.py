@@ -1,0 +1,99 @@
+"""The inbound key: with PROXY_API_KEY set, only callers that present it may use the proxy."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from .config import parse_keys
+from .errors import Unauthorized
+from .identity import SecretSource
+
+log = logging.getLogger(__name__)
+
+# A key file is looked at no more than this often (a stat per second, not per request).
+RELOAD_INTERVAL_SECONDS = 1.0
+
+
+class InboundKeys:
+    """The accepted keys; a key file is re-read when it changes, keeping the last good keys
+    if the new content is unusable."""
+
+    def __init__(
+        self, source: SecretSource, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._source = source
+        self._clock = clock
+        self._keys = tuple(k.encode() for k in parse_keys(source.read()))
+        self._checked = clock()
+        self._stamp = self._file_stamp()
+
+    def accepts(self, presented: str | None) -> bool:
+        """Constant time in the key's content: every configured key is compared."""
+        if presented is None:
+            return False
+        self._maybe_reload()
+        candidate = presented.encode()
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(candidate, key)
+        return matched
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        if self._source.path is None:
+            return None
+        try:
+            stat = self._source.path.stat()  # follows the ..data symlink of a Secret volume
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_ino
+
+    def _maybe_reload(self) -> None:
+        if self._source.path is None or self._clock() - self._checked < RELOAD_INTERVAL_SECONDS:
+            return
+        self._checked = self._clock()
+        stamp = self._file_stamp()
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
+        try:
+            keys = tuple(k.encode() for k in parse_keys(self._source.read()))
+        except ValueError as exc:
+            log.warning(
+                "inbound key file changed but cannot be used, keeping the old keys: %s", exc
+            )
+            return
+        self._keys = keys
+        log.info("inbound key file changed: %d key(s) accepted", len(keys))
+
+
+def presented_key(headers: Iterable[tuple[str, str]]) -> str | None:
+    """The key a client sent: `api-key`, or `Authorization: Bearer` (what LiteLLM, Rasa and the
+    openai SDK send with their `api_key` setting)."""
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == "api-key":
+            return value.strip()
+        if lowered == "authorization" and value[:7].lower() == "bearer ":
+            return value[7:].strip()
+    return None
+
+
+def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
+    """Refuse requests without an accepted key with 401; probe paths in `exempt` are open."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in exempt and not keys.accepts(presented_key(request.headers.items())):
+            raise Unauthorized(
+                "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
+                "api-key header or as Authorization: Bearer"
+            )
+        return await handler(request)
+
+    return check
