@@ -156,12 +156,8 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
     except OSError as exc:
         log.error("cannot listen on %s port %d: %s", settings.host, settings.port, exc.strerror)
         return EXIT_FAILURE
-    if not settings.binds_loopback_only and settings.api_keys is None:
-        log.warning(
-            "listening on %s, which is not a loopback address, without PROXY_API_KEY: anyone "
-            "who can reach it can spend this identity's Azure OpenAI quota",
-            settings.host,
-        )
+    if warning := exposure_warning(settings):
+        log.warning("%s", warning)
     log.info("listening on %s, forwarding to %s", url, settings.api_base_url)
     if server.admin_url:
         log.info("probes and /metrics also on %s", server.admin_url)
@@ -181,6 +177,16 @@ async def serve(settings: Settings, *, on_ready: Callable[[str], None] | None = 
     await server.stop()
     log.info("stopped")
     return EXIT_OK
+
+
+def exposure_warning(settings: Settings) -> str | None:
+    """Why the listener is open to more than this pod, if it is."""
+    if settings.binds_loopback_only or settings.api_keys is not None:
+        return None
+    return (
+        f"listening on {settings.host}, which is not a loopback address, without "
+        "PROXY_API_KEY: anyone who can reach it can spend this identity's Azure OpenAI quota"
+    )
 
 
 def _raise_open_file_limit() -> None:

@@ -81,6 +81,34 @@ async def test_upstream_unreachable_is_502_json(
     assert "Cannot connect to upstream" in error["message"]
 
 
+async def test_upstream_that_never_completes_the_tls_handshake_is_a_connect_timeout(
+    make_proxy: ProxyFactory, client: aiohttp.ClientSession
+) -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # accepts the TCP connection, never answers the TLS hello
+
+    silent = await asyncio.start_server(say_nothing, "127.0.0.1", 0)
+    port = silent.sockets[0].getsockname()[1]
+    try:
+        proxy = await make_proxy(
+            API_BASE_URL=f"https://127.0.0.1:{port}", PROXY_CONNECT_TIMEOUT="0.3"
+        )
+        started = asyncio.get_running_loop().time()
+        async with client.get(proxy.url + "/x") as r:
+            assert r.status == 504
+            error = error_of(await r.read())
+        assert error["code"] == "upstream_timeout"
+        assert "Cannot connect" in error["message"]
+        assert asyncio.get_running_loop().time() - started < 2
+    finally:
+        for writer in accepted:
+            writer.close()
+        silent.close()
+        await silent.wait_closed()
+
+
 async def test_upstream_idle_beyond_the_read_timeout_is_504_json(
     make_proxy: ProxyFactory, client: aiohttp.ClientSession
 ) -> None:

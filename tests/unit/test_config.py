@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from aoai_auth_proxy.cli import exposure_warning
 from aoai_auth_proxy.config import DEFAULT_SCOPE, load_settings
 from aoai_auth_proxy.errors import ConfigError
 
@@ -154,3 +155,11 @@ def test_shutdown_delay_and_timeout(certificate_file: Path) -> None:
     )
     assert (settings.shutdown_delay, settings.shutdown_timeout) == (5.0, 20.0)
     assert load_settings(env(certificate_file)).shutdown_timeout == 25.0
+
+
+def test_an_exposed_listener_without_a_key_is_warned_about(certificate_file: Path) -> None:
+    assert exposure_warning(load_settings(env(certificate_file))) is None
+    exposed = load_settings(env(certificate_file, HOST="0.0.0.0"))
+    assert "without PROXY_API_KEY" in (exposure_warning(exposed) or "")
+    keyed = load_settings(env(certificate_file, HOST="0.0.0.0", PROXY_API_KEY="k"))
+    assert exposure_warning(keyed) is None
