@@ -21,6 +21,7 @@ from .metrics import Metrics
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
 from .signin import EntraTokenFetcher
+from .websocket import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,11 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
 
+    upgrade_ssl = client_ssl_context(settings.ca_file, settings.upstream_ca_file)
+
     async def forward(request: web.Request) -> web.StreamResponse:
+        if is_websocket_upgrade(request):
+            return await relay_websocket(request, settings, tokens, upgrade_ssl)
         return await relay(request, settings, tokens, outbound)
 
     app.add_routes(health_routes(tokens, lifecycle))

@@ -33,6 +33,18 @@ class UpstreamTiming:
 UPSTREAM_TIMING = web.RequestKey("upstream_timing", UpstreamTiming)
 
 
+@dataclass
+class SessionStats:
+    """What a WebSocket session did, for its access line and metrics."""
+
+    frames_in: int = 0  # client -> upstream
+    frames_out: int = 0  # upstream -> client
+    close_code: int | None = None
+
+
+SESSION_STATS = web.RequestKey("websocket_session", SessionStats)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line with fixed keys, plus the access fields when present."""
 
@@ -124,6 +136,11 @@ def log_access(
         fields["aborted"] = upstream.aborted
     if upstream.replayed:
         fields["replayed"] = True
+    session = request.get(SESSION_STATS)
+    if session is not None:
+        fields["frames_in"] = session.frames_in
+        fields["frames_out"] = session.frames_out
+        fields["close_code"] = session.close_code
     text = " ".join(
         f"{key}={value}"
         for key, value in fields.items()

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .credentials import TokenStatus
-from .logs import UPSTREAM_TIMING
+from .logs import SESSION_STATS, UPSTREAM_TIMING
 
 PREFIX = "aoai_proxy"
 # LLM calls span from a 10 ms embedding to a 10-minute reasoning stream.
@@ -84,6 +84,24 @@ class Metrics:
             f"{PREFIX}_upstream_rate_limited",
             "429 answers passed through from the upstream.",
             ["deployment"],
+            registry=r,
+        )
+        self.websocket_sessions = Counter(
+            f"{PREFIX}_websocket_sessions",
+            "WebSocket sessions ended, by close code (1000-1015, else other).",
+            ["close_code"],
+            registry=r,
+        )
+        self.websocket_frames = Counter(
+            f"{PREFIX}_websocket_frames",
+            "WebSocket messages relayed, by direction (in: client to upstream).",
+            ["direction"],
+            registry=r,
+        )
+        self.websocket_duration = Histogram(
+            f"{PREFIX}_websocket_session_duration_seconds",
+            "Duration of WebSocket sessions.",
+            buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.connections_refused = Counter(
@@ -178,6 +196,14 @@ class Metrics:
             self.stream_duration.labels(deployment).observe(seconds)
         if code == "429":
             self.rate_limited.labels(deployment).inc()
+        session = request.get(SESSION_STATS)
+        if session is not None:
+            close = session.close_code
+            label = str(close) if close is not None and 1000 <= close <= 1015 else OTHER
+            self.websocket_sessions.labels(label).inc()
+            self.websocket_frames.labels("in").inc(session.frames_in)
+            self.websocket_frames.labels("out").inc(session.frames_out)
+            self.websocket_duration.observe(seconds)
         timing = request.get(UPSTREAM_TIMING)
         if timing is not None:
             if timing.ttfb is not None:
