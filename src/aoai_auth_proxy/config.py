@@ -116,6 +116,14 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
             problems.append(f"{name}={str(path)!r} is not a readable PEM CA bundle: {exc}")
         return path
 
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        if get(name).lower().startswith("https://"):
+            # aiohttp cannot speak TLS to a proxy and would silently connect directly instead.
+            problems.append(
+                f"{name}={get(name)!r}: a proxy reached over TLS is not supported; "
+                "use http://host:port (the tunnel to Azure is still TLS end to end)"
+            )
+
     api_keys = None
     if get("PROXY_API_KEY") and get("PROXY_API_KEY_FILE"):
         problems.append("PROXY_API_KEY and PROXY_API_KEY_FILE are both set: keep one")

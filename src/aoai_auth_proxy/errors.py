@@ -35,7 +35,7 @@ class ProxyError(Exception):
     def __init__(self, message: str, *, kind: str | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.kind = kind  # for upstream failures: connect, timeout, reset or protocol
+        self.kind = kind  # for upstream failures: connect, tls, timeout, reset or protocol
 
     def error_body(self) -> bytes:
         """The OpenAI-shaped JSON the SDKs parse: {"error": {"message", "type", "code"}}."""

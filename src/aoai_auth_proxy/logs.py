@@ -26,7 +26,9 @@ class UpstreamTiming:
     ttfb: float | None = None  # seconds until the upstream's status line and headers
     request_id: str | None = None  # apim-request-id or x-request-id
     aborted: str | None = None  # why a started response was cut: upstream:<code>, client_gone
-    error_kind: str | None = None  # connect, timeout, reset or protocol, when the upstream failed
+    error_kind: str | None = (
+        None  # connect, tls, timeout, reset or protocol: how the upstream failed
+    )
     replayed: bool = False  # the upstream refused the token (401); renewed and sent again
 
 

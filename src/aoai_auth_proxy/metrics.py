@@ -76,7 +76,7 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors",
-            "Upstream failures, by kind (connect, timeout, reset, protocol).",
+            "Upstream failures, by kind (connect, tls, timeout, reset, protocol).",
             ["kind"],
             registry=r,
         )

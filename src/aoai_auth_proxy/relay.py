@@ -74,6 +74,20 @@ def upstream_error(exc: BaseException, url: str) -> ProxyError:
         return GatewayTimeout(f"Cannot connect to upstream {origin}: timed out", kind="connect")
     if isinstance(exc, TimeoutError):  # aiohttp's idle-read timeout
         return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
+    if isinstance(exc, aiohttp.ClientProxyConnectionError):
+        proxy = f"{exc.host}:{exc.port}"
+        return BadGateway(
+            f"Cannot connect to the egress proxy {proxy} (HTTPS_PROXY) for upstream {origin}: "
+            f"{exc.os_error or exc}",
+            kind="connect",
+        )
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        # Verification is never switched off: name the CA settings that fix it.
+        return BadGateway(
+            f"TLS with upstream {origin} failed: {exc}; trust its CA with SSL_CERT_FILE or "
+            "PROXY_UPSTREAM_CA_FILE",
+            kind="tls",
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         return BadGateway(
             f"Cannot connect to upstream {origin}: {exc.os_error or exc}", kind="connect"

@@ -163,3 +163,11 @@ def test_an_exposed_listener_without_a_key_is_warned_about(certificate_file: Pat
     assert "without PROXY_API_KEY" in (exposure_warning(exposed) or "")
     keyed = load_settings(env(certificate_file, HOST="0.0.0.0", PROXY_API_KEY="k"))
     assert exposure_warning(keyed) is None
+
+
+def test_a_proxy_reached_over_tls_is_refused_rather_than_silently_bypassed(
+    certificate_file: Path,
+) -> None:
+    (problem,) = problems(env(certificate_file, HTTPS_PROXY="https://proxy.corp:3128"))
+    assert problem.startswith("HTTPS_PROXY='https://proxy.corp:3128': a proxy reached over TLS")
+    load_settings(env(certificate_file, HTTPS_PROXY="http://proxy.corp:3128"))
