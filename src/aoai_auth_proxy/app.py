@@ -11,10 +11,10 @@ from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .credentials import RefreshingTokenSource, TokenSource
-from .errors import ProxyError
+from .errors import BadRequest, ProxyError
 from .forwarding import redact_target
 from .health import HEALTH_PATHS, health_routes
-from .inbound import InboundKeys, require_key
+from .inbound import InboundKeys, allowed_host_names, require_host, require_key
 from .lifecycle import Lifecycle
 from .logs import log_cancelled
 from .metrics import Metrics
@@ -75,6 +75,9 @@ def create_app(
         log_cancelled,
         _proxy_errors,
     ]
+    hosts = allowed_host_names(settings.allowed_hosts, loopback_only=settings.binds_loopback_only)
+    if hosts is not None:
+        middlewares.append(require_host(hosts))
     if settings.api_keys is not None:
         # Probes stay open: kubelet and load balancers cannot send a key.
         middlewares.append(require_key(InboundKeys(settings.api_keys), exempt=HEALTH_PATHS))
@@ -100,6 +103,10 @@ def create_app(
     async def forward(request: web.Request) -> web.StreamResponse:
         if is_websocket_upgrade(request):
             return await relay_websocket(request, settings, tokens, upgrade_ssl)
+        if "Upgrade" in request.headers:
+            # h2c and other upgrades through a proxy are a known smuggling path: refuse them
+            # rather than drop the header and let the two ends disagree on the protocol.
+            raise BadRequest(f"Upgrade to {request.headers['Upgrade']!r} is not supported")
         return await relay(request, settings, tokens, outbound)
 
     app.add_routes(health_routes(tokens, lifecycle))

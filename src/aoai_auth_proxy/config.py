@@ -61,6 +61,9 @@ class Settings:
     admin_host: str = DEFAULT_ADMIN_HOST
     admin_port: int | None = None
     api_keys: SecretSource | None = None  # PROXY_API_KEY(_FILE): comma-separated inbound keys
+    # PROXY_ALLOWED_HOSTS: Host header names accepted; None means "loopback names only" when
+    # bound to loopback (against DNS rebinding), and any name otherwise.
+    allowed_hosts: frozenset[str] | None = None
 
     @property
     def upstream_host(self) -> str:
@@ -161,6 +164,7 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         admin_host=get("PROXY_ADMIN_HOST") or DEFAULT_ADMIN_HOST,
         admin_port=parse("PROXY_ADMIN_PORT", None, _port),
         api_keys=api_keys,
+        allowed_hosts=parse("PROXY_ALLOWED_HOSTS", None, _host_names),
     )
     if settings.admin_port is not None and settings.admin_port == settings.port != 0:
         problems.append(f"PROXY_ADMIN_PORT={settings.admin_port} is the same as PORT")
@@ -175,6 +179,13 @@ def parse_keys(raw: str) -> tuple[str, ...]:
     if not all(keys):
         raise ValueError("PROXY_API_KEY holds an empty key (check for stray commas)")
     return keys
+
+
+def _host_names(raw: str) -> frozenset[str]:
+    names = frozenset(name.strip().lower() for name in raw.split(",") if name.strip())
+    if not names:
+        raise ValueError("must list host names, comma separated")
+    return names
 
 
 def _positive_int(raw: str) -> int:

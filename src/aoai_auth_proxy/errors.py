@@ -2,6 +2,7 @@
 
     ProxyError                     base; never raised itself
     ├── BadRequest          400    the request cannot be forwarded as sent (e.g. another host)
+    │   └── MisdirectedHost 400    the Host header names a host this proxy does not answer to
     ├── Unauthorized        401    the inbound key is missing or wrong
     ├── BadGateway          502    the upstream could not be reached or broke off
     ├── NoValidToken        503    no unexpired Entra token is held (message carries AADSTS...)
@@ -46,6 +47,10 @@ class ProxyError(Exception):
 class BadRequest(ProxyError):
     status = 400
     code = "invalid_request_target"
+
+
+class MisdirectedHost(BadRequest):
+    code = "host_not_allowed"
 
 
 class Unauthorized(ProxyError):

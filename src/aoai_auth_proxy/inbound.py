@@ -1,4 +1,4 @@
-"""The inbound key: with PROXY_API_KEY set, only callers that present it may use the proxy."""
+"""Who may use the proxy: the inbound key (PROXY_API_KEY) and the Host names it answers to."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import parse_keys
-from .errors import Unauthorized
+from .errors import MisdirectedHost, Unauthorized
 from .identity import SecretSource
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,45 @@ def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
             raise Unauthorized(
                 "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
                 "api-key header or as Authorization: Bearer"
+            )
+        return await handler(request)
+
+    return check
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(host_header: str) -> str:
+    """The name in a Host header, without port or IPv6 brackets, lower case."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
+def allowed_host_names(
+    configured: frozenset[str] | None, *, loopback_only: bool
+) -> frozenset[str] | None:
+    """Names the Host header may carry; None: any. A proxy bound to loopback answers to
+    loopback names only by default, so a web page whose DNS name was rebound to 127.0.0.1
+    cannot drive it from a browser on the same machine (DNS rebinding)."""
+    if configured is not None:
+        return configured | LOOPBACK_NAMES
+    return LOOPBACK_NAMES if loopback_only else None
+
+
+def require_host(allowed: frozenset[str]) -> Middleware:
+    """Refuse with 400 a request whose Host header names something else."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        name = host_name(request.headers.get("Host", ""))
+        # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
+        if name and name not in allowed and not name.startswith("127."):
+            raise MisdirectedHost(
+                "This proxy does not answer to that Host name; list it in PROXY_ALLOWED_HOSTS "
+                "if it is meant to"
             )
         return await handler(request)
 

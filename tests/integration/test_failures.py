@@ -209,3 +209,43 @@ async def test_a_client_that_goes_away_still_gets_an_access_line(
         await asyncio.sleep(0.05)
     lines = [r.getMessage() for r in caplog.records if r.name == "aoai_auth_proxy.access"]
     assert any(line.startswith("GET /slow status=499") for line in lines), lines
+
+
+async def test_a_host_header_naming_another_site_is_refused_on_a_loopback_proxy(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn
+) -> None:
+    # DNS rebinding: a page on evil.example, its name rebound to 127.0.0.1, calls the sidecar
+    status, answer = await raw_request(
+        proxy.url, b"GET /openai/models HTTP/1.1\r\nHost: evil.example:8080\r\n\r\n"
+    )
+    assert status == 400
+    assert error_of(answer.partition(b"\r\n\r\n")[2])["code"] == "host_not_allowed"
+    for host in (b"localhost:8080", b"127.0.0.1", b"[::1]:8080"):
+        status, _ = await raw_request(
+            proxy.url, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        )
+        assert status == 200
+    assert aoai.requests == []
+
+
+async def test_allowed_host_names_can_be_configured(make_proxy: ProxyFactory) -> None:
+    proxy = await make_proxy(PROXY_ALLOWED_HOSTS="aoai-gateway.ai.svc.cluster.local")
+    status, _ = await raw_request(
+        proxy.url,
+        b"GET /health HTTP/1.1\r\nHost: aoai-gateway.ai.svc.cluster.local:8080\r\n\r\n",
+    )
+    assert status == 200
+
+
+@pytest.mark.parametrize("protocol", [b"h2c", b"tls/1.2", b"foo"])
+async def test_upgrades_other_than_websocket_are_refused(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn, protocol: bytes
+) -> None:
+    status, answer = await raw_request(
+        proxy.url,
+        b"GET /openai/models HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: " + protocol + b"\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    assert status == 400
+    assert b"is not supported" in answer
+    assert aoai.requests == []

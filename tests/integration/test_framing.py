@@ -129,7 +129,7 @@ async def test_http10_client_gets_a_close_delimited_answer(
     raw.answer = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
-    writer.write(b"GET /x HTTP/1.0\r\nHost: h\r\n\r\n")
+    writer.write(b"GET /x HTTP/1.0\r\nHost: localhost\r\n\r\n")
     answer = await asyncio.wait_for(reader.read(), 5)  # until the proxy closes
     writer.close()
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -146,7 +146,7 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_the_body_forward
     host, port = url.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
     writer.write(
-        b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
+        b"POST /x HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n"
     )
     interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert interim.startswith(b"HTTP/1.1 100")
@@ -163,7 +163,7 @@ async def test_base_path_prefix_is_prepended_at_the_socket(
     proxy = await make_proxy(API_BASE_URL=aoai.base_url + "/openai")
     status, _ = await raw_request(
         proxy.url,
-        b"POST /deployments/d/embeddings?api-version=2024-10-21 HTTP/1.1\r\nHost: h\r\n"
+        b"POST /deployments/d/embeddings?api-version=2024-10-21 HTTP/1.1\r\nHost: localhost\r\n"
         b"Content-Type: application/json\r\nContent-Length: 14\r\n\r\n"
         b'{"input": "x"}',
     )

@@ -47,7 +47,7 @@ async def exercise(url: str, aoai: AzureOpenAIStandIn) -> None:
             assert r.status == 200  # renewed and replayed: token events at every level
     status, _ = await raw_request(
         url,
-        f"GET http://user:{INBOUND_KEY}@evil.example/ HTTP/1.1\r\nHost: h\r\n"
+        f"GET http://user:{INBOUND_KEY}@evil.example/ HTTP/1.1\r\nHost: localhost\r\n"
         f"api-key: {INBOUND_KEY}\r\n\r\n".encode(),
     )
     assert status == 400

@@ -22,6 +22,7 @@ from aiohttp.typedefs import Handler
 from ._server import LocalServer, certificate_hosts
 from .entra import EntraStandIn, InvalidAccessToken
 from .pki import CertificateAuthority
+from .realtime import RealtimeEndpoint, RealtimeSession, offers_key_credential
 
 DEFAULT_AUDIENCE = "https://cognitiveservices.azure.com"
 REGION = "Sweden Central"
@@ -140,12 +141,15 @@ _RECORDER = web.RequestKey("aoai_stand_in_recorder", _Recorder)
 
 
 class AzureOpenAIStandIn:
-    """Serves chat completions (streamed or not) and embeddings for any deployment name.
+    """Serves chat completions (streamed or not) and embeddings for any deployment name, and
+    Realtime API WebSocket sessions (`aoai_auth_proxy.testing.realtime`).
 
     Every request is recorded in `requests`, then must carry no `api-key` (403
     `AuthenticationTypeDisabled`) and a bearer token `entra` signed for `audience` (401).
-    Knobs: `stream_delay` (seconds between SSE events), `embedding_dimensions`,
-    `revoked_token_ids`, `add_route()`.
+    Realtime sessions are recorded in `realtime_sessions` too.
+    Knobs: `stream_delay` (seconds between SSE events, and between the deltas of realtime
+    sessions opened after it is set), `embedding_dimensions`, `revoked_token_ids`,
+    `add_route()`.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class AzureOpenAIStandIn:
         self._entra = entra
         self._audience = audience
         self._allowed_clients = None if allowed_clients is None else frozenset(allowed_clients)
+        self._realtime = RealtimeEndpoint()
         self._app = web.Application(middlewares=[self._middleware])
         ssl_context = (
             ca.issue_server_certificate(certificate_hosts(host)).ssl_context() if tls else None
@@ -196,9 +201,14 @@ class AzureOpenAIStandIn:
         router.add_post("/openai/deployments/{deployment}/embeddings", self._embeddings)
         router.add_post("/openai/v1/chat/completions", self._chat)
         router.add_post("/openai/v1/embeddings", self._embeddings)
+        router.add_get("/openai/realtime", self._realtime_session)
+        router.add_get("/openai/v1/realtime", self._realtime_session)
         await self._server.start()
 
     async def close(self) -> None:
+        # Open realtime sessions end with 1001 (going away) first: once aiohttp's shutdown has
+        # begun it no longer reads, so it would miss the clients' answering close frames.
+        await self._realtime.close_sessions()
         await self._server.close()
 
     async def __aenter__(self) -> Self:
@@ -216,6 +226,11 @@ class AzureOpenAIStandIn:
     @property
     def port(self) -> int:
         return self._server.port
+
+    @property
+    def realtime_sessions(self) -> list[RealtimeSession]:
+        """Every realtime WebSocket session, in the order they were upgraded."""
+        return self._realtime.sessions
 
     @property
     def base_url(self) -> str:
@@ -356,6 +371,21 @@ class AzureOpenAIStandIn:
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response
+
+    # -- realtime --------------------------------------------------------------------------
+
+    async def _realtime_session(self, request: web.Request) -> web.StreamResponse:
+        recorder = request[_RECORDER]
+        # A session lasts as long as the client keeps it open: record the upgrade request now.
+        await recorder.record()
+        if offers_key_credential(request):
+            return web.json_response(KEY_AUTH_DISABLED, status=403)
+        return await self._realtime.serve(
+            request,
+            client_id=recorder.client_id,
+            headers=_request_id_headers(),
+            delay=self.stream_delay,
+        )
 
     # -- embeddings ------------------------------------------------------------------------
 
