@@ -12,6 +12,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from .forwarding import redact_target
@@ -66,6 +67,20 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs each refused malformed request at ERROR with a traceback whose message
+    quotes the raw request line, which may carry an `api-key`; keep one line without it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.msg = "refused a malformed request: %s (HTTP %s)"
+            record.args = (type(error).__name__, error.code)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def configure_logging(level: str, fmt: str = "text") -> None:
     """One handler on stderr for the whole process, text or JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
@@ -83,6 +98,9 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     # azure-identity repeats every failed fetch as a multi-line WARNING with Entra's whole
     # body; the proxy's own line carries the AADSTS message.
     logging.getLogger("azure.identity").setLevel(logging.ERROR)
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
 
 
 # nginx's code for "the client closed the connection before the response was complete".

@@ -51,6 +51,13 @@ async def exercise(url: str, aoai: AzureOpenAIStandIn) -> None:
         f"api-key: {INBOUND_KEY}\r\n\r\n".encode(),
     )
     assert status == 400
+    # malformed: refused by the HTTP parser itself, whose error quotes the request line
+    for malformed in (
+        f"GET evil.example:443?api-key={INBOUND_KEY} HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        f"GET /x?api-key={INBOUND_KEY} HTTP/1.1\r\nHost: localhost\r\nBad\x01: v\r\n\r\n",
+    ):
+        status, _ = await raw_request(url, malformed.encode())
+        assert status == 400
 
 
 def assert_clean(log: str, secrets: set[str]) -> None:
