@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, ClientCertificate, EntraStandIn
 from tests.conftest import CLIENT_ID, TENANT_ID, wait_ready
 from tests.integration.test_forwarding import raw_request
-from tests.integration.test_process import CHAT, spawn
+from tests.integration.test_process import CHAT, ProxyProcess, spawn
 
 CLIENT_SECRET = "client-secret-never-logged-0123456789"
 INBOUND_KEY = "inbound-key-never-logged-0123456789"
@@ -60,6 +60,17 @@ async def exercise(url: str, aoai: AzureOpenAIStandIn) -> None:
         assert status == 400
 
 
+async def run_and_stop(env: dict[str, str], aoai: AzureOpenAIStandIn) -> ProxyProcess:
+    """Run the proxy as a process through `exercise`, then SIGTERM it; its log is complete."""
+    proxy = await spawn(env)
+    url = await proxy.listening()
+    await wait_ready(url)
+    await exercise(url, aoai)
+    proxy.process.send_signal(signal.SIGTERM)
+    assert await proxy.wait() == 0
+    return proxy
+
+
 def assert_clean(log: str, secrets: set[str]) -> None:
     for secret in secrets:
         assert secret
@@ -85,12 +96,7 @@ async def test_no_secret_reaches_any_json_log_line_at_debug_level(
         "PROXY_LOG_LEVEL": "DEBUG",
         "PROXY_LOG_FORMAT": "json",
     }
-    proxy = await spawn(env)
-    url = await proxy.listening()
-    await wait_ready(url)
-    await exercise(url, aoai)
-    proxy.process.send_signal(signal.SIGTERM)
-    assert await proxy.wait() == 0
+    proxy = await run_and_stop(env, aoai)
 
     entries = [json.loads(line) for line in proxy.lines if line.strip()]
     assert {"time", "level", "logger", "message"} <= set(entries[0])
@@ -124,12 +130,7 @@ async def test_no_certificate_text_or_password_reaches_the_log(
         "PROXY_API_KEY": INBOUND_KEY,
         "PROXY_LOG_LEVEL": "DEBUG",
     }
-    proxy = await spawn(env)
-    url = await proxy.listening()
-    await wait_ready(url)
-    await exercise(url, aoai)
-    proxy.process.send_signal(signal.SIGTERM)
-    assert await proxy.wait() == 0
+    proxy = await run_and_stop(env, aoai)
     pem_lines = {
         line
         for block in (client_certificate.pem, key)

@@ -13,13 +13,12 @@ import time
 import uuid
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from ._server import LocalServer, certificate_hosts
+from ._server import LocalServer, StandIn, certificate_hosts
 from .entra import EntraStandIn, InvalidAccessToken
 from .pki import CertificateAuthority
 from .realtime import RealtimeEndpoint, RealtimeSession, offers_key_credential
@@ -140,7 +139,7 @@ class _Recorder:
 _RECORDER = web.RequestKey("aoai_stand_in_recorder", _Recorder)
 
 
-class AzureOpenAIStandIn:
+class AzureOpenAIStandIn(StandIn):
     """Serves chat completions (streamed or not) and embeddings for any deployment name, and
     Realtime API WebSocket sessions (`aoai_auth_proxy.testing.realtime`).
 
@@ -203,29 +202,13 @@ class AzureOpenAIStandIn:
         router.add_post("/openai/v1/embeddings", self._embeddings)
         router.add_get("/openai/realtime", self._realtime_session)
         router.add_get("/openai/v1/realtime", self._realtime_session)
-        await self._server.start()
+        await super().start()
 
     async def close(self) -> None:
         # Open realtime sessions end with 1001 (going away) first: once aiohttp's shutdown has
         # begun it no longer reads, so it would miss the clients' answering close frames.
         await self._realtime.close_sessions()
-        await self._server.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
+        await super().close()
 
     @property
     def realtime_sessions(self) -> list[RealtimeSession]:

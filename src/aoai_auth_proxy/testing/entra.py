@@ -10,8 +10,7 @@ import secrets
 import time
 import uuid
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 from urllib.parse import unquote_plus
 
 import jwt
@@ -32,7 +31,7 @@ from ._client_auth import (
     verify_federated_assertion,
     verify_secret,
 )
-from ._server import LocalServer, certificate_hosts
+from ._server import LocalServer, StandIn, certificate_hosts
 from .kubernetes import TOKEN_EXCHANGE_AUDIENCE, KubernetesIssuer
 from .pki import RSA_KEY_BITS, CertificateAuthority
 
@@ -84,7 +83,7 @@ def _basic_credentials(request: web.Request) -> tuple[str, str] | None:
     return unquote_plus(client_id), unquote_plus(secret)
 
 
-class EntraStandIn:
+class EntraStandIn(StandIn):
     """Serves `POST /{tenant}/oauth2/v2.0/token` for the client credentials grant, plus the
     OpenID metadata and keys that MSAL (the sync azure-identity stack) looks up.
 
@@ -130,28 +129,6 @@ class EntraStandIn:
         )
 
     # -- lifecycle ------------------------------------------------------------------------
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def close(self) -> None:
-        await self._server.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    @property
-    def port(self) -> int:
-        return self._server.port
 
     @property
     def authority(self) -> str:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import hmac
 import secrets
 from collections.abc import Mapping
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 from aiohttp import web
 
-from ._server import LocalServer
+from ._server import LocalServer, StandIn
 from .entra import EntraStandIn
 
 API_VERSION = "2019-08-01"
@@ -40,7 +39,7 @@ class _Refused(Exception):
         self.status = status
 
 
-class ManagedIdentityEndpoint:
+class ManagedIdentityEndpoint(StandIn):
     """Issues tokens for one resource's managed identities, signed by `entra`'s key (so the
     Azure OpenAI stand-in accepts them), over plain HTTP on loopback as App Service does.
 
@@ -72,24 +71,6 @@ class ManagedIdentityEndpoint:
         app = web.Application()
         app.router.add_get(ENDPOINT_PATH, self._token)
         self._server = LocalServer(app, host=host, port=port, ssl_context=None)
-
-    async def start(self) -> None:
-        await self._server.start()
-
-    async def close(self) -> None:
-        await self._server.close()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        await self.close()
 
     @property
     def endpoint(self) -> str:
