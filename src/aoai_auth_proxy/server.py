@@ -15,6 +15,9 @@ import logging
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from .app import LIFECYCLE, METRICS, TOKEN_SOURCE, create_admin_app, create_app
 from .config import Settings
@@ -148,15 +151,37 @@ class _LimitedSite(web.TCPSite):
         server = self._runner.server
         assert server is not None
 
+        loop = asyncio.get_running_loop()
+
         def factory() -> asyncio.BaseProtocol:
             if len(server.connections) >= self._limit:
                 self._on_refused()
                 return _Refuse(self._limit)
-            return server()
+            # What web.Server.__call__ builds, with a handler class that answers 431.
+            return _RequestHandler(server, loop=loop, **server._kwargs)
 
         self._server = await asyncio.get_running_loop().create_server(
             factory, self._host, self._port, backlog=self._backlog, reuse_address=True
         )
+
+
+class _RequestHandler(RequestHandler):
+    """aiohttp's connection handler, answering oversized request headers with 431 (RFC 6585
+    5) instead of a generic 400, so clients can tell what to shrink."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        too_large = isinstance(exc, LineTooLong) or (
+            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
+        )
+        if status == 400 and too_large:
+            status = 431
+        return super().handle_error(request, status, exc, message)
 
 
 class _Refuse(asyncio.Protocol):

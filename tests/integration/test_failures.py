@@ -249,3 +249,23 @@ async def test_upgrades_other_than_websocket_are_refused(
     assert status == 400
     assert b"is not supported" in answer
     assert aoai.requests == []
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n",
+        b"GET /x HTTP/1.1\r\nHost: localhost\r\n"
+        + b"".join(b"X-H%d: v\r\n" % i for i in range(200))
+        + b"\r\n",
+    ],
+    ids=["one header too large", "too many headers"],
+)
+async def test_oversized_request_headers_get_431_and_nothing_is_forwarded(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn, head: bytes
+) -> None:
+    status, _ = await raw_request(proxy.url, head)
+    assert status == 431
+    assert aoai.requests == []
+    status, _ = await raw_request(proxy.url, b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert status == 200  # and the proxy carries on
