@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench check-deploy clean
 
 venv: $(STAMP)
 
@@ -34,5 +34,18 @@ bench: venv
 	@command -v wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(BIN)/python bench/run.py
 
+# The container image, Compose files and Kubernetes manifests, proven with podman on this machine
+# (deploy/ci/check-deploy.sh says how). Needs root and apt; its tools live in their own venv.
+DEPLOY_VENV := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+
+$(DEPLOY_STAMP): deploy/ci/requirements.lock
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --require-hashes -r deploy/ci/requirements.lock
+	touch $@
+
+check-deploy: venv $(DEPLOY_STAMP)
+	bash deploy/ci/check-deploy.sh
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DEPLOY_VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
