@@ -181,13 +181,14 @@ async def relay(
         return UpstreamRequest(request.method, url, headers, body)
 
     # Azure may refuse a token we believed valid (revoked, role changed): on a 401 the token
-    # is renewed once (single flight, rate limited) and a kept request sent again. The SDKs'
-    # own 429/5xx retries stay theirs: this is the proxy's only retry.
+    # is renewed (single flight, rate limited) so that later requests work, and a kept request
+    # is sent again once; a streamed one cannot be, and gets the 401. The SDKs' own 429/5xx
+    # retries stay theirs: this is the proxy's only retry.
     token = await token_source.token()
     async with contextlib.AsyncExitStack() as stack:
         answer = await _open(stack, upstream, outbound(token), timing)
         replayable = not isinstance(body, AsyncIterable)
-        if answer.status == 401 and replayable and await token_source.renew(token):
+        if answer.status == 401 and await token_source.renew(token) and replayable:
             await stack.aclose()  # the 401 is dropped unread, its connection closed
             token = await token_source.token()
             timing.replayed = True
