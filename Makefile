@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench check-deploy clean
+.PHONY: venv demo test lint format bench soak check-deploy clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,10 @@ test: lint
 format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
+
+# Five minutes of mixed traffic with 90-second tokens; a 20-second version runs in `make test`.
+soak: venv
+	$(BIN)/python -m tests.soak --seconds 300
 
 # wrk generates the load (Debian's package); the proxy and wrk are pinned to different cores.
 bench: venv

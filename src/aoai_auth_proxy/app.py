@@ -14,7 +14,13 @@ from .credentials import RefreshingTokenSource, TokenSource
 from .errors import BadRequest, ProxyError
 from .forwarding import redact_target
 from .health import HEALTH_PATHS, health_routes
-from .inbound import InboundKeys, allowed_host_names, require_host, require_key
+from .inbound import (
+    InboundKeys,
+    allowed_host_names,
+    require_host,
+    require_key,
+    require_sound_framing,
+)
 from .lifecycle import Lifecycle
 from .logs import log_cancelled
 from .metrics import Metrics
@@ -74,6 +80,7 @@ def create_app(
         metrics.middleware(exempt=reserved),
         log_cancelled,
         _proxy_errors,
+        require_sound_framing,
     ]
     hosts = allowed_host_names(settings.allowed_hosts, loopback_only=settings.binds_loopback_only)
     if hosts is not None:
@@ -140,8 +147,11 @@ async def _proxy_errors(request: web.Request, handler: Handler) -> web.StreamRes
             exc.code,
             exc.message,
         )
-        return web.Response(
+        response = web.Response(
             status=exc.status,
             body=exc.error_body(),
             content_type="application/json",
         )
+        if exc.closes_connection:
+            response.force_close()  # a request smuggled behind this one is never read
+        return response

@@ -2,7 +2,10 @@
 
     ProxyError                     base; never raised itself
     ├── BadRequest          400    the request cannot be forwarded as sent (e.g. another host)
-    │   └── MisdirectedHost 400    the Host header names a host this proxy does not answer to
+    │   ├── MisdirectedHost 400    the Host header names a host this proxy does not answer to
+    │   └── BadFraming      400    the request's framing is ambiguous (smuggling shapes)
+    ├── HeadersTooLarge     431    the request's header section is larger than the proxy accepts
+    ├── UnsupportedCoding   501    a transfer coding other than chunked
     ├── Unauthorized        401    the inbound key is missing or wrong
     ├── BadGateway          502    the upstream could not be reached or broke off
     ├── NoValidToken        503    no unexpired Entra token is held (message carries AADSTS...)
@@ -32,6 +35,8 @@ class ProxyError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "proxy_error"
+    # The connection's framing cannot be trusted after this error: nothing more is read from it.
+    closes_connection: ClassVar[bool] = False
 
     def __init__(self, message: str, *, kind: str | None = None) -> None:
         super().__init__(message)
@@ -51,6 +56,23 @@ class BadRequest(ProxyError):
 
 class MisdirectedHost(BadRequest):
     code = "host_not_allowed"
+
+
+class BadFraming(BadRequest):
+    code = "ambiguous_framing"
+    closes_connection = True
+
+
+class HeadersTooLarge(ProxyError):
+    status = 431
+    code = "request_headers_too_large"
+    closes_connection = True
+
+
+class UnsupportedCoding(ProxyError):
+    status = 501
+    code = "unsupported_transfer_coding"
+    closes_connection = True
 
 
 class Unauthorized(ProxyError):

@@ -1,4 +1,4 @@
-"""Who may use the proxy: the inbound key (PROXY_API_KEY) and the Host names it answers to."""
+"""What may use the proxy: soundly framed requests, the inbound key, the right Host names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,14 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from .config import parse_keys
-from .errors import MisdirectedHost, Unauthorized
+from .errors import (
+    BadFraming,
+    HeadersTooLarge,
+    MisdirectedHost,
+    ProxyError,
+    Unauthorized,
+    UnsupportedCoding,
+)
 from .identity import SecretSource
 
 log = logging.getLogger(__name__)
@@ -136,3 +143,41 @@ def require_host(allowed: frozenset[str]) -> Middleware:
         return await handler(request)
 
     return check
+
+
+# Past the parser's own limits (8190 bytes a line, 128 fields) a request could still carry
+# 1 MiB of headers; Azure OpenAI needs a few KiB.
+MAX_HEADER_BYTES = 64 * 1024
+
+
+def framing_problem(
+    version: tuple[int, int], headers: Iterable[tuple[bytes, bytes]]
+) -> ProxyError | None:
+    """Why a request's framing cannot be trusted or forwarded, if it cannot (RFC 9112 6.1)."""
+    if version < (1, 0):
+        return BadFraming("HTTP/0.9 requests are not accepted")
+    total = 0
+    codings: list[bytes] = []
+    for name, value in headers:
+        total += len(name) + len(value) + 4
+        if name.lower() == b"transfer-encoding":
+            codings.extend(c.strip().lower() for c in value.split(b","))
+    if total > MAX_HEADER_BYTES:
+        return HeadersTooLarge(f"Request headers exceed {MAX_HEADER_BYTES} bytes")
+    if codings and version < (1, 1):
+        # "A server that receives ... Transfer-Encoding in an HTTP/1.0 message MUST treat
+        # the message as if the framing is faulty" (RFC 9112 6.1).
+        return BadFraming("Transfer-Encoding in an HTTP/1.0 request")
+    if codings and codings != [b"chunked"]:
+        # Transfer-Encoding is hop by hop: forwarding would silently drop the coding.
+        return UnsupportedCoding("Only the chunked transfer coding is accepted")
+    return None
+
+
+@web.middleware
+async def require_sound_framing(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what the HTTP parser lets through but a proxy must not forward."""
+    problem = framing_problem((request.version.major, request.version.minor), request.raw_headers)
+    if problem is not None:
+        raise problem
+    return await handler(request)

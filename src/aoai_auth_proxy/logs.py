@@ -98,6 +98,11 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     # azure-identity repeats every failed fetch as a multi-line WARNING with Entra's whole
     # body; the proxy's own line carries the AADSTS message.
     logging.getLogger("azure.identity").setLevel(logging.ERROR)
+    install_malformed_request_filter()
+
+
+def install_malformed_request_filter() -> None:
+    """On aiohttp's server logger, once per process (a ProxyServer does it when it starts)."""
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
         server_log.addFilter(MalformedRequestFilter())

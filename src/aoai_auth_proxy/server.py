@@ -22,7 +22,7 @@ from aiohttp.web_request import BaseRequest
 from .app import LIFECYCLE, METRICS, TOKEN_SOURCE, create_admin_app, create_app
 from .config import Settings
 from .errors import ERROR_TYPE
-from .logs import ACCESS_LOGGER, AccessLogger
+from .logs import ACCESS_LOGGER, AccessLogger, install_malformed_request_filter
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class ProxyServer:
     async def start(self) -> str:
         """Open resources and listen; returns the URL. OSError if an address cannot be bound."""
         settings = self.settings
+        install_malformed_request_filter()
         await self._runner.setup()
         try:
             site = _LimitedSite(

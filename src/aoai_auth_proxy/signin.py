@@ -111,10 +111,10 @@ class EntraTokenFetcher:
                 async with credential:
                     info = await credential.get_token_info(settings.scope)
         except ClientAuthenticationError as exc:
-            raise TokenAcquisitionError(_entra_message(exc)) from exc
+            raise TokenAcquisitionError(_brief(_entra_message(exc))) from exc
         except AzureError as exc:
             raise TokenAcquisitionError(
-                f"cannot reach Entra ID at {settings.authority_host}: {exc.message}"
+                _brief(f"cannot reach Entra ID at {settings.authority_host}: {exc.message}")
             ) from exc
         return Token(
             value=info.token,
@@ -175,6 +175,19 @@ def _reader(source: SecretSource | None) -> Callable[[], str]:
         return source.read()
 
     return read
+
+
+# Entra's errors are one sentence; anything far longer (an HTML error page from a gateway in
+# between) would be repeated in /health, in 503 answers and in every retry's log line.
+MAX_ERROR_CHARS = 300
+
+
+def _brief(text: str) -> str:
+    """`text` on one line, cut to MAX_ERROR_CHARS with the original length noted."""
+    line = " ".join(text.split())
+    if len(line) <= MAX_ERROR_CHARS:
+        return line
+    return f"{line[:MAX_ERROR_CHARS]}... ({len(line)} characters)"
 
 
 def _entra_message(exc: ClientAuthenticationError) -> str:

@@ -20,7 +20,7 @@ from websockets.typing import Subprotocol
 
 from .config import Settings
 from .credentials import TokenSource
-from .errors import BadGateway, GatewayTimeout
+from .errors import BadGateway, BadRequest, GatewayTimeout
 from .forwarding import client_response_headers, upstream_request_headers, upstream_url
 from .logs import SESSION_STATS, SessionStats
 
@@ -70,6 +70,14 @@ async def relay_websocket(
     ssl_context: ssl.SSLContext,
 ) -> web.StreamResponse:
     """Open the upstream session first (a refusal goes back as plain HTTP), then relay."""
+    # RFC 6455 4.2.1: a GET over HTTP/1.1 with a valid key and version 13. Checked before the
+    # upstream is contacted, so an invalid handshake never opens a session with the token.
+    if (
+        request.method != "GET"
+        or request.version < (1, 1)
+        or not web.WebSocketResponse().can_prepare(request).ok
+    ):
+        raise BadRequest("Invalid WebSocket handshake")
     url = upstream_url(settings.api_base_url, request.raw_path)
     url = "ws" + url.removeprefix("http")  # http -> ws, https -> wss
     protocols = forwarded_subprotocols(request)
