@@ -304,3 +304,43 @@ async def test_logs_carry_no_token_key_or_certificate(
         assert secret not in log
     key_line = client_certificate.pem.decode().splitlines()[-2]
     assert key_line not in log
+
+
+async def test_overload_is_refused_quickly_within_a_memory_bound_while_streams_flow(
+    proxy_env: dict[str, str], aoai: AzureOpenAIStandIn
+) -> None:
+    proxy = await spawn({**proxy_env, "PROXY_MAX_CONNECTIONS": "40"})
+    url = await proxy.listening()
+    await wait_ready(url)
+    assert proxy.process.pid is not None
+    rss = psutil.Process(proxy.process.pid).memory_info
+    aoai.stream_delay = 0.1
+    words = " ".join(f"w{i}" for i in range(30))  # 3-second streams
+    body = {"messages": [{"role": "user", "content": words}], "stream": True}
+    connector = aiohttp.TCPConnector(limit=0, force_close=True)
+    async with aiohttp.ClientSession(connector=connector) as client:
+        streams = [await client.post(url + CHAT, json=body) for _ in range(40)]
+        for stream in streams:
+            await stream.content.readany()
+        before = rss().rss
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        refused = 0
+        for _ in range(8):  # 400 connections over the limit, in bounded batches
+            answers = await asyncio.gather(
+                *(client.get(url + "/health") for _ in range(50)), return_exceptions=True
+            )
+            for answer in answers:
+                if isinstance(answer, aiohttp.ClientResponse):
+                    refused += answer.status == 503
+                    answer.release()
+        flood_seconds = loop.time() - started
+        growth = rss().rss - before
+        for stream in streams:
+            assert (await stream.content.read()).endswith(b"data: [DONE]\n\n")
+            stream.release()
+    assert refused >= 390  # a clear 503 each (a few may race a stream's end)
+    assert flood_seconds < 10
+    assert growth < 16 * 1024 * 1024, f"RSS grew {growth / 2**20:.1f} MiB under overload"
+    proxy.process.send_signal(signal.SIGTERM)
+    assert await proxy.wait() == 0
