@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
@@ -53,11 +54,9 @@ def default_token_source(settings: Settings, metrics: Metrics) -> RefreshingToke
     )
 
 
-def default_upstream(settings: Settings) -> AiohttpUpstream:
+def default_upstream(settings: Settings, ssl_context: ssl.SSLContext) -> AiohttpUpstream:
     return AiohttpUpstream(
-        client_ssl_context(settings.ca_file, settings.upstream_ca_file),
-        connect_timeout=settings.connect_timeout,
-        read_timeout=settings.read_timeout,
+        ssl_context, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
     )
 
 
@@ -70,7 +69,9 @@ def create_app(
     """Build the proxy application; its token source and upstream open and close with it."""
     metrics = Metrics()
     tokens = token_source if token_source is not None else default_token_source(settings, metrics)
-    outbound = upstream if upstream is not None else default_upstream(settings)
+    # Upstream TLS trust, shared by HTTP and WebSocket upstream connections.
+    upstream_ssl = client_ssl_context(settings.ca_file, settings.upstream_ca_file)
+    outbound = upstream if upstream is not None else default_upstream(settings, upstream_ssl)
     lifecycle = Lifecycle()
     metrics.watch_token(tokens.status)
 
@@ -105,11 +106,9 @@ def create_app(
 
     app.cleanup_ctx.append(resources)
 
-    upgrade_ssl = client_ssl_context(settings.ca_file, settings.upstream_ca_file)
-
     async def forward(request: web.Request) -> web.StreamResponse:
         if is_websocket_upgrade(request):
-            return await relay_websocket(request, settings, tokens, upgrade_ssl)
+            return await relay_websocket(request, settings, tokens, upstream_ssl)
         if "Upgrade" in request.headers:
             # h2c and other upgrades through a proxy are a known smuggling path: refuse them
             # rather than drop the header and let the two ends disagree on the protocol.
