@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from .config import Settings, load_settings
-from .credentials import RefreshingTokenSource
+from .credentials import RefreshingTokenSource, iso_utc
 from .errors import ConfigError, TokenAcquisitionError
 from .identity import CredentialKind
 from .logs import configure_logging
@@ -102,8 +102,8 @@ async def check(settings: Settings) -> int:
     except TokenAcquisitionError as exc:
         print(f"token:        FAILED: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    expires = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(token.expires_on))
-    print(f"token:        OK, expires {expires} (in {token.expires_on - time.time():.0f} s)")
+    remaining = token.expires_on - time.time()
+    print(f"token:        OK, expires {iso_utc(token.expires_on)} (in {remaining:.0f} s)")
     return EXIT_OK
 
 

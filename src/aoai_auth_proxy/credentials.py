@@ -225,7 +225,7 @@ class RefreshingTokenSource:
                 # Already expired on arrival: clocks disagree, or the lifetime is absurdly
                 # short. Refused, so the loop backs off instead of re-fetching in a tight loop.
                 raise TokenAcquisitionError(
-                    f"Entra ID returned a token expiring {_iso(token.expires_on)}, already "
+                    f"Entra ID returned a token expiring {iso_utc(token.expires_on)}, already "
                     "(nearly) expired by this machine's clock: check the clock (NTP)"
                 )
         except TimeoutError:
@@ -248,7 +248,7 @@ class RefreshingTokenSource:
         self._next_refresh = refresh_time(token, self._jitter())
         log.info(
             "token acquired, expires %s, next refresh in %.0f s",
-            _iso(token.expires_on),
+            iso_utc(token.expires_on),
             self._next_refresh - self._clock(),
         )
         self._wake.set()  # the loop re-plans its sleep around the new token
@@ -273,7 +273,7 @@ class RefreshingTokenSource:
                         log.warning(
                             "token refresh failed; the current token stays in use until %s; "
                             "retry in %.1f s: %s",
-                            _iso(self._token.usable_until if self._token else 0.0),
+                            iso_utc(self._token.usable_until if self._token else 0.0),
                             delay,
                             exc,
                         )
@@ -287,5 +287,6 @@ class RefreshingTokenSource:
                 await asyncio.wait_for(self._wake.wait(), sleep)
 
 
-def _iso(epoch: float) -> str:
+def iso_utc(epoch: float) -> str:
+    """Seconds since the epoch as an ISO 8601 UTC time, to the second."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

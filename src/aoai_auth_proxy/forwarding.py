@@ -90,7 +90,8 @@ def redact_target(raw_target: str) -> str:
     return f"{path}?{query}" if query else path
 
 
-def _connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
+    """The options named by every Connection header, lower case (RFC 9110 7.6.1)."""
     return {
         token.strip().lower()
         for name, value in headers
@@ -104,7 +105,7 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
 
     Every other header keeps its order, letter case and repetitions.
     """
-    dropped = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY | _connection_tokens(headers)
+    dropped = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY | connection_tokens(headers)
     forwarded = [("Host", host)]
     forwarded.extend((name, value) for name, value in headers if name.lower() not in dropped)
     forwarded.append(("Authorization", f"Bearer {token}"))
@@ -113,5 +114,5 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
-    dropped = HOP_BY_HOP | _connection_tokens(headers)
+    dropped = HOP_BY_HOP | connection_tokens(headers)
     return [(name, value) for name, value in headers if name.lower() not in dropped]

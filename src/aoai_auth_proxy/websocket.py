@@ -21,7 +21,12 @@ from websockets.typing import Subprotocol
 from .config import Settings
 from .credentials import TokenSource
 from .errors import BadGateway, BadRequest, GatewayTimeout
-from .forwarding import client_response_headers, upstream_request_headers, upstream_url
+from .forwarding import (
+    client_response_headers,
+    connection_tokens,
+    upstream_request_headers,
+    upstream_url,
+)
 from .logs import SESSION_STATS, SessionStats
 
 log = logging.getLogger(__name__)
@@ -48,8 +53,9 @@ _GENERATED_BY_CLIENT = frozenset(
 
 def is_websocket_upgrade(request: web.BaseRequest) -> bool:
     """RFC 6455 4.1: `Upgrade: websocket` with `Connection: upgrade`."""
-    connection = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
-    return request.headers.get("Upgrade", "").lower() == "websocket" and "upgrade" in connection
+    return request.headers.get("Upgrade", "").lower() == "websocket" and (
+        "upgrade" in connection_tokens(request.headers.items())
+    )
 
 
 def forwarded_subprotocols(request: web.BaseRequest) -> list[str]:
