@@ -4,6 +4,7 @@ and a proxy running exactly as `aoai-auth-proxy serve` runs it, on 127.0.0.1 por
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
@@ -96,6 +97,21 @@ async def eventually(
             return True
         await asyncio.sleep(0.1)
     return await probe() == expected
+
+
+async def hear_audio_response(connection: Any, *, beta: bool = False) -> tuple[str, bytes]:
+    """Read a realtime response to its end: (transcript, audio bytes). `connection` is the
+    openai SDK's GA or beta realtime connection; the event names differ between the two."""
+    prefix = "response.audio" if beta else "response.output_audio"
+    transcript, audio = "", b""
+    async for event in connection:
+        if event.type == f"{prefix}_transcript.delta":
+            transcript += event.delta
+        elif event.type == f"{prefix}.delta":
+            audio += base64.b64decode(event.delta)
+        elif event.type == "response.done":
+            break
+    return transcript, audio
 
 
 @pytest.fixture

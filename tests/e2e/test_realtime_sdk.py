@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-
 import openai
 
 from aoai_auth_proxy.testing import RESPONSE_AUDIO, AzureOpenAIStandIn, response_text
-from tests.conftest import CLIENT_ID, RunningProxy
+from tests.conftest import CLIENT_ID, RunningProxy, hear_audio_response
 
 USER_TEXT = "say something"
 USER_ITEM = {
@@ -58,14 +56,7 @@ async def test_v1_client_hears_audio_and_its_transcript_through_the_proxy(
     async with client.realtime.connect(model="gpt-realtime") as connection:
         await connection.conversation.item.create(item=USER_ITEM)  # type: ignore[arg-type]
         await connection.response.create()
-        transcript, audio = "", b""
-        async for event in connection:
-            if event.type == "response.output_audio_transcript.delta":
-                transcript += event.delta
-            elif event.type == "response.output_audio.delta":
-                audio += base64.b64decode(event.delta)
-            elif event.type == "response.done":
-                break
+        transcript, audio = await hear_audio_response(connection)
     await client.close()
     assert transcript == response_text(USER_TEXT)
     assert audio == RESPONSE_AUDIO

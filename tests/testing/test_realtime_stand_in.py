@@ -18,7 +18,7 @@ from openai.types.beta.realtime.realtime_server_event import (
 from openai.types.realtime import RealtimeServerEvent
 from openai.types.websocket_connection_options import WebSocketConnectionOptions
 from pydantic import TypeAdapter
-from tests.conftest import CLIENT_ID, TENANT_ID
+from tests.conftest import CLIENT_ID, TENANT_ID, hear_audio_response
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
@@ -567,14 +567,7 @@ async def test_the_azure_sdk_beta_client_hears_audio_through_a_websocket_base_ur
     ) as connection:
         await connection.conversation.item.create(item=USER_ITEM)  # type: ignore[arg-type]
         await connection.response.create()
-        transcript, audio = "", b""
-        async for event in connection:
-            if event.type == "response.audio_transcript.delta":
-                transcript += event.delta
-            elif event.type == "response.audio.delta":
-                audio += base64.b64decode(event.delta)
-            elif event.type == "response.done":
-                break
+        transcript, audio = await hear_audio_response(connection, beta=True)
     await client.close()
     assert transcript == REPLY
     assert audio == RESPONSE_AUDIO
@@ -612,14 +605,7 @@ async def test_the_v1_sdk_client_hears_audio_and_its_transcript(
     ) as connection:
         await connection.conversation.item.create(item=USER_ITEM)  # type: ignore[arg-type]
         await connection.response.create()
-        transcript, audio = "", b""
-        async for event in connection:
-            if event.type == "response.output_audio_transcript.delta":
-                transcript += event.delta
-            elif event.type == "response.output_audio.delta":
-                audio += base64.b64decode(event.delta)
-            elif event.type == "response.done":
-                break
+        transcript, audio = await hear_audio_response(connection)
     await client.close()
     assert transcript == REPLY
     assert audio == RESPONSE_AUDIO
