@@ -57,9 +57,15 @@ async def test_90_second_token_is_refreshed_under_traffic_and_never_sent_expired
 async def test_entra_outage_during_refresh_keeps_traffic_on_the_valid_token_then_recovers(
     make_proxy: ProxyFactory, entra: EntraStandIn, aoai: AzureOpenAIStandIn
 ) -> None:
-    entra.token_lifetime = 6  # refresh due at 3-4.5 s, usable until 5.4 s
+    entra.token_lifetime = 8  # refresh due at 4-6 s; never handed out in its last 0.8 s
     proxy = await make_proxy()
-    first_token_at = time.time()
+    # Time everything from the held token's own `exp`: the stand-in issues whole seconds
+    # (as Entra does), so the token can be up to a second older than this test's clock says.
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + ECHO, json={"input": "x"}) as response:
+            assert response.status == 200
+    held = jwt.decode(forwarded_tokens(aoai)[-1], options={"verify_signature": False})
+    usable_until = held["exp"] - 0.8
     entra.fail_next(
         10_000,
         status=401,
@@ -67,11 +73,12 @@ async def test_entra_outage_during_refresh_keeps_traffic_on_the_valid_token_then
         code=7000222,
         description="AADSTS7000222: The provided client certificate keys are expired.",
     )
-    during = await traffic(proxy.url, 4.5)
+    during = await traffic(proxy.url, usable_until - 0.3 - time.time())
+    assert during, "no traffic ran while the token was still valid"
     assert {status for status, _ in during} == {200}
     assert entra.token_requests >= 2  # a refresh was attempted (and failed) meanwhile
     # past the held token's life: a clear 503 naming the Entra error, never an expired token
-    await asyncio.sleep(max(0.0, first_token_at + 5.6 - time.time()))
+    await asyncio.sleep(max(0.0, usable_until + 0.2 - time.time()))
     async with aiohttp.ClientSession() as session:
         async with session.post(proxy.url + ECHO, json={"input": "x"}) as response:
             assert response.status == 503
