@@ -17,6 +17,7 @@ from .forwarding import redact_target
 from .health import HEALTH_PATHS, health_routes
 from .inbound import (
     InboundKeys,
+    InboundRules,
     allowed_host_names,
     require_host,
     require_key,
@@ -28,6 +29,7 @@ from .metrics import Metrics
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
 from .signin import EntraTokenFetcher
+from .upstream import PooledUpstream, uses_egress_proxy
 from .websocket import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,8 @@ TOKEN_SOURCE = web.AppKey("token_source", TokenSource)
 UPSTREAM = web.AppKey("upstream", Upstream)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 METRICS = web.AppKey("metrics", Metrics)
+# What may use the proxy port, for the server that answers on it (http1.py) as well.
+INBOUND_RULES = web.AppKey("inbound_rules", InboundRules)
 METRICS_PATH = "/metrics"
 
 
@@ -54,10 +58,13 @@ def default_token_source(settings: Settings, metrics: Metrics) -> RefreshingToke
     )
 
 
-def default_upstream(settings: Settings, ssl_context: ssl.SSLContext) -> AiohttpUpstream:
-    return AiohttpUpstream(
-        ssl_context, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
-    )
+def default_upstream(settings: Settings, ssl_context: ssl.SSLContext) -> Upstream:
+    """The raw keep-alive pool; the aiohttp client where an egress proxy (HTTPS_PROXY) must
+    carry the upstream traffic, which the raw pool does not speak."""
+    timeouts = {"connect_timeout": settings.connect_timeout, "read_timeout": settings.read_timeout}
+    if uses_egress_proxy(settings.api_base_url):
+        return AiohttpUpstream(ssl_context, **timeouts)
+    return PooledUpstream(ssl_context, **timeouts)
 
 
 def create_app(
@@ -66,7 +73,10 @@ def create_app(
     token_source: TokenSource | None = None,
     upstream: Upstream | None = None,
 ) -> web.Application:
-    """Build the proxy application; its token source and upstream open and close with it."""
+    """Build the proxy application; its token source and upstream open and close with it.
+
+    The app holds the proxy's state; `http1.py` serves the proxy port from it, and hands the
+    connections it does not serve itself (WebSocket upgrades) to this app's routes."""
     metrics = Metrics()
     tokens = token_source if token_source is not None else default_token_source(settings, metrics)
     # Upstream TLS trust, shared by HTTP and WebSocket upstream connections.
@@ -86,10 +96,12 @@ def create_app(
     hosts = allowed_host_names(settings.allowed_hosts, loopback_only=settings.binds_loopback_only)
     if hosts is not None:
         middlewares.append(require_host(hosts))
-    if settings.api_keys is not None:
+    keys = InboundKeys(settings.api_keys) if settings.api_keys is not None else None
+    if keys is not None:
         # Probes stay open: kubelet and load balancers cannot send a key.
-        middlewares.append(require_key(InboundKeys(settings.api_keys), exempt=HEALTH_PATHS))
+        middlewares.append(require_key(keys, exempt=HEALTH_PATHS))
     app = web.Application(middlewares=middlewares)
+    app[INBOUND_RULES] = InboundRules(hosts, keys)
     app[SETTINGS] = settings
     app[TOKEN_SOURCE] = tokens
     app[UPSTREAM] = outbound

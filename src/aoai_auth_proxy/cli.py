@@ -12,7 +12,10 @@ import resource
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
+
+import uvloop
 
 from .config import Settings, load_settings
 from .credentials import RefreshingTokenSource, iso_utc
@@ -54,7 +57,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if args.command == "demo":
         port = args.port if args.port is not None else int(environ.get("PORT") or 8080)
         configure_logging("INFO")
-        return asyncio.run(demo(port))
+        return _run(demo(port))
 
     try:
         settings = load_settings(environ)
@@ -68,7 +71,13 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         configure_logging("WARNING", settings.log_format)
         return asyncio.run(check(settings))
     configure_logging(settings.log_level, settings.log_format)
-    return asyncio.run(serve(settings))
+    return _run(serve(settings))
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop: libuv's event loop makes the raw relay's sockets about twice as cheap
+    (issue 8). The tests run the same code on asyncio's own loop as well."""
+    return uvloop.run(main)
 
 
 async def check(settings: Settings) -> int:

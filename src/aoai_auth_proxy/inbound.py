@@ -6,6 +6,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -106,6 +107,14 @@ def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
     return check
 
 
+@dataclass(frozen=True)
+class InboundRules:
+    """Who may use the proxy port: Host names (None: any) and keys (None: no key needed)."""
+
+    hosts: frozenset[str] | None
+    keys: InboundKeys | None
+
+
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
@@ -168,6 +177,10 @@ def framing_problem(
         # "A server that receives ... Transfer-Encoding in an HTTP/1.0 message MUST treat
         # the message as if the framing is faulty" (RFC 9112 6.1).
         return BadFraming("Transfer-Encoding in an HTTP/1.0 request")
+    if codings and (codings[-1] != b"chunked" or codings.count(b"chunked") > 1):
+        # RFC 9112 6.3: when chunked is not the final coding the body's length cannot be
+        # determined: 400 and close. Chunked applies once (RFC 9112 7).
+        return BadFraming("Transfer-Encoding must end with chunked, applied once")
     if codings and codings != [b"chunked"]:
         # Transfer-Encoding is hop by hop: forwarding would silently drop the coding.
         return UnsupportedCoding("Only the chunked transfer coding is accepted")

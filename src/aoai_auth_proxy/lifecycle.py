@@ -31,16 +31,23 @@ class Lifecycle:
         async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
             task = asyncio.current_task()
             assert task is not None
-            self._inflight.add(task)
-            self._idle.clear()
+            self.enter(task)
             try:
                 return await handler(request)
             finally:
-                self._inflight.discard(task)
-                if not self._inflight:
-                    self._idle.set()
+                self.leave(task)
 
         return track
+
+    def enter(self, task: asyncio.Task[Any]) -> None:
+        """`task` serves a request from now on (cancelled if still running after the grace)."""
+        self._inflight.add(task)
+        self._idle.clear()
+
+    def leave(self, task: asyncio.Task[Any]) -> None:
+        self._inflight.discard(task)
+        if not self._inflight:
+            self._idle.set()
 
     async def wait_idle(self, seconds: float) -> bool:
         """True if every in-flight request finished within `seconds`."""

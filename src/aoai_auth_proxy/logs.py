@@ -144,14 +144,42 @@ def log_access(
     bytes_out: int | None,
     seconds: float,
 ) -> None:
+    """The access line of a request aiohttp's server answered."""
+    access_line(
+        logger,
+        request.method,
+        request.raw_path,
+        status,
+        bytes_in=request.content.total_bytes,
+        bytes_out=bytes_out,
+        seconds=seconds,
+        upstream=request.get(UPSTREAM_TIMING),
+        session=request.get(SESSION_STATS),
+    )
+
+
+def access_line(
+    logger: logging.Logger,
+    method: str,
+    raw_target: str,
+    status: int,
+    *,
+    bytes_in: int,
+    bytes_out: int | None,
+    seconds: float,
+    upstream: UpstreamTiming | None,
+    session: SessionStats | None = None,
+) -> None:
     """method, path (credentials removed), status, bytes, duration, upstream timing and id."""
-    upstream = request.get(UPSTREAM_TIMING) or UpstreamTiming()
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    upstream = upstream or UpstreamTiming()
     ttfb = upstream.ttfb
     fields: dict[str, Any] = {
-        "method": request.method,
-        "path": redact_target(request.raw_path),
+        "method": method,
+        "path": redact_target(raw_target),
         "status": status,
-        "bytes_in": request.content.total_bytes,
+        "bytes_in": bytes_in,
         "bytes_out": bytes_out,
         "duration_ms": round(seconds * 1000, 1),
         "upstream_ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
@@ -161,7 +189,6 @@ def log_access(
         fields["aborted"] = upstream.aborted
     if upstream.replayed:
         fields["replayed"] = True
-    session = request.get(SESSION_STATS)
     if session is not None:
         fields["frames_in"] = session.frames_in
         fields["frames_out"] = session.frames_out

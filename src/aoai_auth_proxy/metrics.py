@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from .credentials import TokenStatus
-from .logs import SESSION_STATS, UPSTREAM_TIMING
+from .logs import SESSION_STATS, UPSTREAM_TIMING, SessionStats, UpstreamTiming
 
 PREFIX = "aoai_proxy"
 # LLM calls span from a 10 ms embedding to a 10-minute reasoning stream.
@@ -189,14 +189,35 @@ class Metrics:
     def _observe(
         self, request: web.Request, deployment: str, code: str, seconds: float, streamed: bool
     ) -> None:
-        method = request.method if request.method in METHODS else OTHER
+        self.observe(
+            request.method,
+            deployment,
+            code,
+            seconds,
+            streamed=streamed,
+            timing=request.get(UPSTREAM_TIMING),
+            session=request.get(SESSION_STATS),
+        )
+
+    def observe(
+        self,
+        method: str,
+        deployment: str,
+        code: str,
+        seconds: float,
+        *,
+        streamed: bool,
+        timing: UpstreamTiming | None,
+        session: SessionStats | None = None,
+    ) -> None:
+        """Count one answered request (whichever server answered it)."""
+        method = method if method in METHODS else OTHER
         self.requests.labels(method, code, deployment).inc()
         self.duration.labels(deployment).observe(seconds)
         if streamed:
             self.stream_duration.labels(deployment).observe(seconds)
         if code == "429":
             self.rate_limited.labels(deployment).inc()
-        session = request.get(SESSION_STATS)
         if session is not None:
             close = session.close_code
             label = str(close) if close is not None and 1000 <= close <= 1015 else OTHER
@@ -204,12 +225,15 @@ class Metrics:
             self.websocket_frames.labels("in").inc(session.frames_in)
             self.websocket_frames.labels("out").inc(session.frames_out)
             self.websocket_duration.observe(seconds)
-        timing = request.get(UPSTREAM_TIMING)
         if timing is not None:
             if timing.ttfb is not None:
                 self.ttfb.labels(deployment).observe(timing.ttfb)
             if timing.error_kind is not None:
                 self.upstream_errors.labels(timing.error_kind).inc()
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The page /metrics serves, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     async def handler(self, request: web.Request) -> web.Response:
         """GET /metrics in Prometheus text format."""

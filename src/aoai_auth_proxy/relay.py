@@ -11,7 +11,7 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # aiohttp would otherwise add these when the client did not send them; a proxy adds nothing.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
+# The upstream's request id, for the access line: Azure's API Management id first.
+_REQUEST_IDS = ("apim-request-id", "x-request-id")
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,8 @@ class _AiohttpResponse:
         self._url = url
         self.status = response.status
         self.reason = response.reason or ""
-        self.headers = [(_text(k), _text(v)) for k, v in response.raw_headers]
+        # latin-1 text of the bytes, as the seam carries headers both ways
+        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
 
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
@@ -145,7 +148,11 @@ class AiohttpUpstream:
             response = await self._session.request(
                 request.method,
                 URL(request.url, encoded=True),  # the raw path and query, byte for byte
-                headers=_same_case_repeats(request.headers),
+                headers=_same_case_repeats(
+                    # aiohttp writes header values as UTF-8 (see header_text)
+                    (header_text(n.encode("latin-1")), header_text(v.encode("latin-1")))
+                    for n, v in request.headers
+                ),
                 data=request.body,
                 allow_redirects=False,
                 timeout=self._timeout,
@@ -162,23 +169,46 @@ class AiohttpUpstream:
             response.release()
 
 
-async def relay(
-    request: web.Request, settings: Settings, token_source: TokenSource, upstream: Upstream
-) -> web.StreamResponse:
-    """Forward one request and stream the response back; never buffers a body beyond
-    PROXY_REPLAY_MAX_BYTES (kept so that a request refused with 401 can be sent again)."""
-    url = upstream_url(settings.api_base_url, request.raw_path)
-    client_headers = [(_text(k), _text(v)) for k, v in request.raw_headers]
-    kept = await _replayable_body(request, settings.replay_max_bytes)
-    body: AsyncIterable[bytes] | bytes | None = kept
-    if kept is None and request.body_exists:
-        body = request.content
-    timing = request[UPSTREAM_TIMING] = UpstreamTiming()
+class Downstream(Protocol):
+    """Where the answer goes: the client's connection, whichever server holds it."""
+
+    async def send_head(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        """Send the status line and headers. ConnectionError if the client has gone;
+        BadGateway (nothing sent) for a header that cannot be relayed."""
+        ...
+
+    async def send(self, chunk: bytes) -> None:
+        """Send body bytes, waiting while the client is slow. ConnectionError if gone."""
+        ...
+
+    def abort(self) -> None:
+        """Cut the connection so the client sees an incomplete response."""
+        ...
+
+
+async def forward(
+    settings: Settings,
+    token_source: TokenSource,
+    upstream: Upstream,
+    downstream: Downstream,
+    *,
+    method: str,
+    raw_target: str,
+    headers: Sequence[tuple[str, str]],
+    body: AsyncIterable[bytes] | bytes | None,
+    timing: UpstreamTiming,
+) -> None:
+    """Forward one request and stream the answer to `downstream`.
+
+    `headers` are the client's, as latin-1 text of their bytes; `body` is bytes when it was
+    small enough to keep for a replay (PROXY_REPLAY_MAX_BYTES), else streamed, never buffered.
+    """
+    url = upstream_url(settings.api_base_url, raw_target)
     started = time.monotonic()
 
     def outbound(token: str) -> UpstreamRequest:
-        headers = upstream_request_headers(client_headers, token=token, host=settings.upstream_host)
-        return UpstreamRequest(request.method, url, headers, body)
+        forwarded = upstream_request_headers(headers, token=token, host=settings.upstream_host)
+        return UpstreamRequest(method, url, forwarded, body)
 
     # Azure may refuse a token we believed valid (revoked, role changed): on a 401 the token
     # is renewed (single flight, rate limited) so that later requests work, and a kept request
@@ -194,7 +224,33 @@ async def relay(
             timing.replayed = True
             answer = await _open(stack, upstream, outbound(token), timing)
         timing.ttfb = time.monotonic() - started
-        return await _stream_back(request, answer, timing)
+        await _stream_back(downstream, answer, timing)
+
+
+async def relay(
+    request: web.Request, settings: Settings, token_source: TokenSource, upstream: Upstream
+) -> web.StreamResponse:
+    """`forward` for a request that aiohttp's server holds (after a WebSocket handover)."""
+    # latin-1 maps each byte to one character: the upstream client writes the same bytes back.
+    client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
+    kept = await _replayable_body(request, settings.replay_max_bytes)
+    body: AsyncIterable[bytes] | bytes | None = kept
+    if kept is None and request.body_exists:
+        body = request.content.iter_any()  # as it arrives (iterating a StreamReader yields lines)
+    timing = request[UPSTREAM_TIMING] = UpstreamTiming()
+    downstream = _AiohttpDownstream(request)
+    await forward(
+        settings,
+        token_source,
+        upstream,
+        downstream,
+        method=request.method,
+        raw_target=request.raw_path,
+        headers=client_headers,
+        body=body,
+        timing=timing,
+    )
+    return downstream.response
 
 
 async def _replayable_body(request: web.Request, limit: int) -> bytes | None:
@@ -225,48 +281,65 @@ async def _open(
 
 
 async def _stream_back(
-    request: web.Request, answer: UpstreamResponse, timing: UpstreamTiming
-) -> web.StreamResponse:
-    response = web.StreamResponse(status=answer.status, reason=answer.reason)
-    for name, value in client_response_headers(answer.headers):
-        response.headers.add(name, value)
-    timing.request_id = response.headers.get("apim-request-id") or response.headers.get(
-        "x-request-id"
-    )
+    downstream: Downstream, answer: UpstreamResponse, timing: UpstreamTiming
+) -> None:
+    headers = client_response_headers(answer.headers)
+    ids = {name.lower(): value for name, value in headers if name.lower() in _REQUEST_IDS}
+    timing.request_id = ids.get("apim-request-id") or ids.get("x-request-id")
     try:
-        await response.prepare(request)
-    except ValueError as exc:
-        # aiohttp refuses to write a header with control characters (RFC 9110 5.5); nothing
-        # has been sent yet, so the client gets a clean 502.
-        timing.error_kind = "protocol"
-        raise BadGateway(
-            f"Upstream sent a header the proxy cannot relay: {exc}", kind="protocol"
-        ) from None
+        await downstream.send_head(answer.status, answer.reason, headers)
+    except ProxyError as exc:
+        timing.error_kind = exc.kind
+        raise
     except ConnectionError:
         timing.aborted = "client_gone"  # it left while the upstream was thinking
-        return response
+        return
     try:
         async for chunk in answer.chunks():
-            await response.write(chunk)
+            await downstream.send(chunk)
     except ProxyError as exc:
         # The status line is already out: the only honest signal left is to abort the
         # connection, so the client sees a truncated response and not a clean end.
         log.warning("upstream broke off mid-response, aborting the client: %s", exc.message)
         timing.aborted = f"upstream:{exc.code}"
         timing.error_kind = exc.kind
-        _abort(request)
+        downstream.abort()
     except ConnectionError:
         timing.aborted = "client_gone"  # the client closed its side while we wrote
-        _abort(request)
-    return response
+        downstream.abort()
 
 
-def _abort(request: web.Request) -> None:
-    if request.transport is not None:
-        request.transport.abort()
+class _AiohttpDownstream:
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self.response = web.StreamResponse()
+
+    async def send_head(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        response = self.response
+        response.set_status(status, reason)
+        for name, value in headers:
+            # aiohttp writes str headers as UTF-8 (see header_text)
+            response.headers.add(
+                header_text(name.encode("latin-1")), header_text(value.encode("latin-1"))
+            )
+        try:
+            await response.prepare(self._request)
+        except ValueError as exc:
+            # aiohttp refuses to write a header with control characters (RFC 9110 5.5);
+            # nothing has been sent yet, so the client gets a clean 502.
+            raise BadGateway(
+                f"Upstream sent a header the proxy cannot relay: {exc}", kind="protocol"
+            ) from None
+
+    async def send(self, chunk: bytes) -> None:
+        await self.response.write(chunk)
+
+    def abort(self) -> None:
+        if self._request.transport is not None:
+            self._request.transport.abort()
 
 
-def _same_case_repeats(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
+def _same_case_repeats(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """Spell every repeat of a header name like its first occurrence.
 
     aiohttp's ClientSession merges headers by exact spelling, so `X-A: 1` then `x-a: 2` would
@@ -276,8 +349,9 @@ def _same_case_repeats(headers: Sequence[tuple[str, str]]) -> CIMultiDict[str]:
     return CIMultiDict((spelling.setdefault(name.lower(), name), value) for name, value in headers)
 
 
-def _text(raw: bytes) -> str:
-    # aiohttp writes header values back as UTF-8; non-UTF-8 bytes are obsolete (RFC 9110 5.5).
+def header_text(raw: bytes) -> str:
+    """A header as aiohttp's writer needs it: it writes str values back as UTF-8, so UTF-8
+    bytes survive the round trip; other bytes are obsolete text (RFC 9110 5.5)."""
     try:
         return raw.decode()
     except UnicodeDecodeError:

@@ -12,16 +12,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from typing import cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from .app import LIFECYCLE, METRICS, TOKEN_SOURCE, create_admin_app, create_app
+from .app import (
+    INBOUND_RULES,
+    LIFECYCLE,
+    METRICS,
+    TOKEN_SOURCE,
+    UPSTREAM,
+    create_admin_app,
+    create_app,
+)
 from .config import Settings
 from .errors import ERROR_TYPE
+from .http1 import ClientConnection, Frontend
 from .logs import ACCESS_LOGGER, AccessLogger, install_malformed_request_filter
 
 log = logging.getLogger(__name__)
@@ -52,6 +61,8 @@ class ProxyServer:
             shutdown_timeout=_CLEANUP_TIMEOUT_SECONDS,
         )
         self._admin: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
+        self.frontend: Frontend | None = None
         self.url = ""
         self.admin_url = ""
 
@@ -59,26 +70,57 @@ class ProxyServer:
         """Open resources and listen; returns the URL. OSError if an address cannot be bound."""
         settings = self.settings
         install_malformed_request_filter()
-        await self._runner.setup()
+        await self._runner.setup()  # the app's resources: token source, upstream pool
         try:
-            site = _LimitedSite(
-                self._runner,
-                settings.host,
-                settings.port,
-                limit=settings.max_connections,
-                on_refused=self.app[METRICS].connections_refused.inc,
-            )
-            await site.start()
-            self.url = _url(self._runner)
+            self._listener = await self._listen()
+            self.url = _url(self._listener)
             if settings.admin_port is not None:
                 self._admin = web.AppRunner(create_admin_app(self.app), access_log=None)
                 await self._admin.setup()
                 await web.TCPSite(self._admin, settings.admin_host, settings.admin_port).start()
-                self.admin_url = _url(self._admin)
+                self.admin_url = _runner_url(self._admin)
         except BaseException:
             await self._cleanup()
             raise
         return self.url
+
+    async def _listen(self) -> asyncio.Server:
+        """The proxy port: http1.py serves it; connections over PROXY_MAX_CONNECTIONS get
+        an immediate 503, like Envoy's overload manager, so existing streams keep flowing
+        and no client waits in an accept queue."""
+        app, settings = self.app, self.settings
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+        rules = app[INBOUND_RULES]
+
+        def hand_over() -> asyncio.Protocol:
+            # What web.Server.__call__ builds, with a handler class that answers 431.
+            return _RequestHandler(server, loop=loop, **server._kwargs)
+
+        frontend = self.frontend = Frontend(
+            settings,
+            token_source=app[TOKEN_SOURCE],
+            upstream=app[UPSTREAM],
+            lifecycle=app[LIFECYCLE],
+            metrics=app[METRICS],
+            keys=rules.keys,
+            hosts=rules.hosts,
+            hand_over=hand_over,
+            access_log=logging.getLogger(ACCESS_LOGGER),
+        )
+        limit = settings.max_connections
+        refused = app[METRICS].connections_refused
+
+        def factory() -> asyncio.BaseProtocol:
+            if len(frontend.connections) + len(server.connections) >= limit:
+                refused.inc()
+                return _Refuse(limit)
+            return ClientConnection(frontend)
+
+        return await loop.create_server(
+            factory, settings.host, settings.port, reuse_address=True, backlog=1024
+        )
 
     async def wait_ready(self, stop: asyncio.Event) -> bool:
         """Wait until the first token is held (True) or `stop` is set (False)."""
@@ -100,10 +142,12 @@ class ProxyServer:
         if settings.shutdown_delay > 0:
             log.info("shutting down: readiness is 503, closing in %g s", settings.shutdown_delay)
             await asyncio.sleep(settings.shutdown_delay)
-        for site in list(self._runner.sites):
-            await site.stop()
+        if self._listener is not None:
+            self._listener.close()
+        if self.frontend is not None:
+            self.frontend.close_idle()  # idle keep-alive connections close now
         if self._runner.server is not None:
-            self._runner.server.pre_shutdown()  # idle keep-alive connections close now
+            self._runner.server.pre_shutdown()  # and those handed to aiohttp (WebSocket)
         if lifecycle.inflight:
             log.info(
                 "shutting down: %d request(s) in flight, waiting up to %g s",
@@ -117,53 +161,28 @@ class ProxyServer:
         await self._cleanup()
 
     async def _cleanup(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        if self.frontend is not None:
+            self.frontend.abort_all()
         await self._runner.cleanup()
         if self._admin is not None:
             await self._admin.cleanup()
 
 
-def _url(runner: web.AppRunner) -> str:
+def _url(listener: asyncio.Server) -> str:
+    host, port = listener.sockets[0].getsockname()[:2]
+    return _shown(host, port)
+
+
+def _runner_url(runner: web.AppRunner) -> str:
     host, port = runner.addresses[0][:2]
+    return _shown(host, port)
+
+
+def _shown(host: str, port: int) -> str:
     shown = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - display only
     return f"http://{shown}:{port}"
-
-
-class _LimitedSite(web.TCPSite):
-    """A TCP listener that answers connections beyond `limit` with an immediate 503, like
-    Envoy's overload manager: existing streams keep flowing and a client is never left
-    waiting in an accept queue."""
-
-    def __init__(
-        self,
-        runner: web.AppRunner,
-        host: str,
-        port: int,
-        *,
-        limit: int,
-        on_refused: Callable[[], None],
-    ) -> None:
-        super().__init__(runner, host, port)
-        self._limit = limit
-        self._on_refused = on_refused
-
-    async def start(self) -> None:
-        # web.TCPSite.start with the protocol factory wrapped; BaseSite.start registers us.
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-
-        loop = asyncio.get_running_loop()
-
-        def factory() -> asyncio.BaseProtocol:
-            if len(server.connections) >= self._limit:
-                self._on_refused()
-                return _Refuse(self._limit)
-            # What web.Server.__call__ builds, with a handler class that answers 431.
-            return _RequestHandler(server, loop=loop, **server._kwargs)
-
-        self._server = await asyncio.get_running_loop().create_server(
-            factory, self._host, self._port, backlog=self._backlog, reuse_address=True
-        )
 
 
 class _RequestHandler(RequestHandler):
@@ -206,8 +225,8 @@ class _Refuse(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
+        self._transport = cast(asyncio.Transport, transport)
         self._timer = asyncio.get_running_loop().call_later(_REFUSE_READ_SECONDS, self._respond)
 
     def data_received(self, data: bytes) -> None:

@@ -61,9 +61,11 @@ async def test_entra_outage_during_refresh_keeps_traffic_on_the_valid_token_then
     proxy = await make_proxy()
     # Time everything from the held token's own `exp`: the stand-in issues whole seconds
     # (as Entra does), so the token can be up to a second older than this test's clock says.
-    async with aiohttp.ClientSession() as session:
-        async with session.post(proxy.url + ECHO, json={"input": "x"}) as response:
-            assert response.status == 200
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(proxy.url + ECHO, json={"input": "x"}) as response,
+    ):
+        assert response.status == 200
     held = jwt.decode(forwarded_tokens(aoai)[-1], options={"verify_signature": False})
     usable_until = held["exp"] - 0.8
     entra.fail_next(

@@ -1,0 +1,768 @@
+"""The proxy port's HTTP/1.1 server: one asyncio protocol per client connection, llhttp-parsed.
+
+Why not aiohttp's server here: every request paid for a Request object, a middleware chain
+and a StreamResponse, about half the proxy's CPU once the upstream client was raw (issue 8).
+This server does what a relay needs and no more, with the same rules in the same modules:
+`inbound` (framing, Host, key), `health`, `metrics`, `logs`, `relay.forward`.
+
+What it does not do itself, it hands over: an upgrade request (WebSocket, and CONNECT, which
+llhttp also reports as an upgrade) goes to aiohttp's server with the connection, where
+`websocket.py` serves it. The request head is rebuilt from what llhttp parsed and replayed,
+with the bytes that followed it.
+
+Framing toward the client (RFC 9112 6): a response with Content-Length keeps it and its
+bytes; a response without one is sent chunked to an HTTP/1.1 client and close-delimited to
+an HTTP/1.0 client; HEAD, 1xx, 204 and 304 carry no body. The proxy adds only what framing
+needs (Transfer-Encoding, Connection: close), never Date, Server or a Content-Type.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from http import HTTPStatus
+from typing import Any, cast
+
+import httptools
+
+from .config import Settings
+from .credentials import TokenSource
+from .errors import (
+    BadFraming,
+    BadGateway,
+    BadRequest,
+    HeadersTooLarge,
+    MisdirectedHost,
+    ProxyError,
+    Unauthorized,
+)
+from .forwarding import redact_target
+from .health import HEALTH_PATHS, readiness
+from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_name, presented_key
+from .lifecycle import Lifecycle
+from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
+from .metrics import Metrics
+from .relay import Upstream, forward
+
+log = logging.getLogger(__name__)
+# Answered errors keep the logger name they had under aiohttp's server (app.py), so filters
+# and alerts written against it keep working.
+errors_log = logging.getLogger("aoai_auth_proxy.app")
+
+# The limits aiohttp's server applied on this port before (tests/integration/test_hostile.py).
+MAX_FIELD_BYTES = 8190
+MAX_HEADER_FIELDS = 128
+MAX_TARGET_BYTES = 8190
+# Request body bytes buffered ahead of the upstream before the client socket is paused.
+BODY_HIGH_WATER = 256 * 1024
+BODY_LOW_WATER = 64 * 1024
+METRICS_PATH = "/metrics"
+# Fields a request may carry once (RFC 9110 5.3: a repeat of these cannot be combined); a
+# second Host in particular lets two parsers disagree on where a request goes.
+_SINGLETONS = frozenset({b"host", b"content-length", b"content-type", b"transfer-encoding"})
+_NO_BODY = frozenset({204, 304})
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Refused(Exception):
+    """A request the parser callbacks stop at once: answered with `error`, then closed."""
+
+    def __init__(self, error: ProxyError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class UriTooLong(BadRequest):
+    status = 414
+    code = "request_target_too_long"
+    closes_connection = True
+
+
+class ExpectationFailed(BadRequest):
+    status = 417
+    code = "expectation_failed"
+
+
+class _Body:
+    """A request body as it arrives, handed to the relay piece by piece (flow controlled)."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self._connection = connection
+        self._pieces: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self.received = 0
+        self.done = False
+        self.expect_continue = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._pieces.append(data)
+        self._buffered += len(data)
+        self.received += len(data)
+        if self._buffered > BODY_HIGH_WATER:
+            self._connection.pause_reading("body")
+        self._wake()
+
+    def finish(self) -> None:
+        self.done = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read(self) -> bytes:
+        """The next piece; b"" at the end. ConnectionError if the client left mid-body."""
+        if self.expect_continue:
+            self.expect_continue = False
+            if not self.received and not self.done:  # it did not send the body unasked
+                self._connection.write(_CONTINUE)
+        while not self._pieces:
+            if self.done:
+                return b""
+            if self._connection.lost:
+                raise ConnectionResetError("the client left while sending its body")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        piece = self._pieces.popleft()
+        self._buffered -= len(piece)
+        if self._buffered <= BODY_LOW_WATER:
+            self._connection.resume_reading("body")
+        return piece
+
+    async def read_all(self) -> bytes:
+        parts = []
+        while piece := await self.read():
+            parts.append(piece)
+        return b"".join(parts)
+
+    async def pieces(self) -> AsyncIterator[bytes]:
+        while piece := await self.read():
+            yield piece
+
+    def lost(self) -> None:
+        self._wake()
+
+
+class _Request:
+    __slots__ = (
+        "body",
+        "chunked",
+        "content_length",
+        "headers",
+        "keep_alive",
+        "method",
+        "target",
+        "upgrade",
+        "version",
+    )
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.method = ""
+        self.target = b""
+        self.version = (1, 1)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.keep_alive = True
+        self.body = _Body(connection)
+        self.upgrade = False
+        self.content_length: int | None = None
+        self.chunked = False
+
+
+class Frontend:
+    """What every connection on the proxy port shares: the app's state and the open
+    connections (for the connection limit and for draining)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        token_source: TokenSource,
+        upstream: Upstream,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        keys: InboundKeys | None,
+        hosts: frozenset[str] | None,
+        hand_over: Callable[[], asyncio.Protocol],
+        access_log: logging.Logger,
+    ) -> None:
+        self.settings = settings
+        self.token_source = token_source
+        self.upstream = upstream
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.keys = keys
+        self.hosts = hosts
+        self.hand_over = hand_over
+        self.access_log = access_log
+        self.connections: set[ClientConnection] = set()
+        self.closing = False
+
+    def connection(self) -> ClientConnection:
+        return ClientConnection(self)
+
+    def close_idle(self) -> None:
+        """Draining: idle keep-alive connections close now, busy ones after their answer."""
+        self.closing = True
+        for connection in list(self.connections):
+            connection.close_if_idle()
+
+    def abort_all(self) -> None:
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: requests in order (pipelined ones wait their turn), each
+    relayed by a task of its own that the connection cancels if the client goes away."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        self._frontend = frontend
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._parsing: _Request | None = None
+        self._queue: collections.deque[_Request] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._serving: _Request | None = None
+        self._url = bytearray()
+        self._header_bytes = 0
+        self._paused_by: set[str] = set()
+        self._can_write: asyncio.Future[None] | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._pending_upgrade: tuple[_Request, bytes] | None = None
+        self._refusal: ProxyError | None = None
+        self.lost = False
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have their methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._frontend.connections.add(self)
+        self._arm_idle_timer()
+
+    def data_received(self, data: bytes) -> None:
+        if self._refusal is not None or self._pending_upgrade is not None:
+            return  # nothing after a refused request or an upgrade head is read as HTTP
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            request = self._parsing
+            self._parsing = None
+            if request is None:
+                self._refuse(BadFraming("Malformed upgrade request"))
+                return
+            self._pending_upgrade = (request, data[upgrade.args[0] :])
+            self.pause_reading("upgrade")
+            if self._task is None:
+                self._next()  # else once the answer in progress is out
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            error = cause.error if isinstance(cause, _Refused) else BadFraming(str(exc))
+            self._refuse(error)
+        except httptools.HttpParserError as exc:
+            self._refuse(BadFraming(f"Malformed request: {exc}"))
+
+    def eof_received(self) -> bool:
+        # A client that closes its side has gone, as aiohttp and nginx
+        # (proxy_ignore_client_abort off) take it: the transport closes, and
+        # connection_lost cancels the request in flight with its upstream request.
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._frontend.connections.discard(self)
+        self._cancel_idle_timer()
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+        for request in (self._parsing, *self._queue):
+            if request is not None:
+                request.body.lost()
+        self._queue.clear()
+        if self._task is not None and not self._task.done():
+            # As aiohttp's handler_cancellation: the upstream request ends with the client.
+            self._task.cancel()
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._parsing = _Request(self)
+        self._url.clear()
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        if len(self._url) > MAX_TARGET_BYTES:
+            raise _Refused(UriTooLong(f"The request target exceeds {MAX_TARGET_BYTES} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self._parsing
+        assert request is not None
+        if request.method:
+            return  # a trailer field after a chunked body: never a header (RFC 9110 6.5.1)
+        if len(name) > MAX_FIELD_BYTES or len(value) > MAX_FIELD_BYTES:
+            raise _Refused(HeadersTooLarge(f"A request header exceeds {MAX_FIELD_BYTES} bytes"))
+        if len(request.headers) >= MAX_HEADER_FIELDS:
+            raise _Refused(HeadersTooLarge(f"More than {MAX_HEADER_FIELDS} request headers"))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _Refused(HeadersTooLarge(f"Request headers exceed {MAX_HEADER_BYTES} bytes"))
+        request.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        request = self._parsing
+        assert request is not None
+        self._cancel_idle_timer()
+        parser = self._parser
+        request.method = parser.get_method().decode("ascii")
+        request.target = bytes(self._url)
+        version = parser.get_http_version()
+        request.version = (int(version[0]), int(version[2])) if len(version) == 3 else (0, 9)
+        request.keep_alive = parser.should_keep_alive() and request.version >= (1, 1)
+        request.upgrade = parser.should_upgrade()
+        seen: set[bytes] = set()
+        for name, value in request.headers:
+            lowered = name.lower()
+            if lowered in _SINGLETONS:
+                if lowered in seen:
+                    raise _Refused(BadFraming(f"Repeated {name.decode('latin-1')} header"))
+                seen.add(lowered)
+            if lowered == b"content-length":
+                request.content_length = int(value)
+            elif lowered == b"transfer-encoding":
+                request.chunked = True
+            elif lowered == b"expect":
+                if value.lower() != b"100-continue":
+                    raise _Refused(ExpectationFailed("Only Expect: 100-continue is supported"))
+                request.body.expect_continue = request.version >= (1, 1)
+        if b"host" not in seen and request.version >= (1, 1):
+            # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
+            raise _Refused(BadFraming("An HTTP/1.1 request must carry a Host header"))
+        if request.upgrade:
+            return  # httptools raises HttpParserUpgrade next: see data_received
+        self._queue.append(request)
+        if self._task is None:
+            self._next()
+        else:
+            self.pause_reading("pipeline")  # one request at a time, in order
+
+    def on_body(self, body: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing.body.feed(body)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None and not self._parsing.upgrade:
+            self._parsing.body.finish()
+            self._parsing = None
+
+    # -- flow control and writing -----------------------------------------------------------
+
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused_by and self._transport is not None and not self.lost:
+            self._transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._paused_by:
+            return
+        self._paused_by.discard(reason)
+        if not self._paused_by and self._transport is not None and not self.lost:
+            self._transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self.lost:
+            self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self.lost:
+            raise ConnectionResetError("the client closed the connection")
+        if self._can_write is not None and not self._can_write.done():
+            await self._can_write
+            if self.lost:
+                raise ConnectionResetError("the client closed the connection")
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
+    def draining(self) -> bool:
+        return self._frontend.closing
+
+    def close_if_idle(self) -> None:
+        idle = self._task is None and not self._queue and self._parsing is None
+        if idle and self._transport is not None:
+            self._transport.close()
+
+    # -- requests, one at a time ------------------------------------------------------------
+
+    def _next(self) -> None:
+        """Start the next queued request, or hand the connection over, or wait for one."""
+        self._task = None
+        if self.lost:
+            return
+        if self._queue:
+            request = self._serving = self._queue.popleft()
+            self._task = self._loop.create_task(self._serve(request))
+            return
+        self._serving = None
+        if self._pending_upgrade is not None:
+            self._hand_over(*self._pending_upgrade)
+            return
+        if self._frontend.closing:
+            self.close_if_idle()
+            return
+        self.resume_reading("pipeline")
+        self._arm_idle_timer()
+
+    async def _serve(self, request: _Request) -> None:
+        frontend = self._frontend
+        task = asyncio.current_task()
+        assert task is not None
+        frontend.lifecycle.enter(task)
+        started = time.monotonic()
+        response = _Response(self, request)
+        path = request.target.partition(b"?")[0].decode("latin-1")
+        observed = path not in _RESERVED
+        if observed:
+            frontend.metrics.in_flight.inc()
+        status = 500
+        try:
+            await self._answer(request, path, response)
+            status = response.status
+        except ProxyError as exc:
+            status = exc.status
+            self._log_error(request, exc)
+            if response.started:
+                response.abort()  # a head is out: the client must see a broken response
+            else:
+                await response.send_error(exc)
+        except asyncio.CancelledError:
+            if self._refusal is not None and not response.started:
+                status = self._refusal.status  # its body was malformed: _refuse answers
+            else:
+                status = CLIENT_CLOSED_REQUEST  # client gone, or the shutdown grace is over
+                response.abort()
+        except Exception:
+            log.exception("%s %s failed", request.method, redact_target(_text(request.target)))
+            if response.started:
+                response.abort()
+            else:
+                await response.send_error(ProxyError("Internal proxy error"))
+        finally:
+            seconds = time.monotonic() - started
+            if observed:
+                frontend.metrics.in_flight.dec()
+                frontend.metrics.observe(
+                    request.method,
+                    frontend.metrics.deployment(path),
+                    str(status),
+                    seconds,
+                    streamed=response.event_stream,
+                    timing=response.timing,
+                )
+            access_line(
+                frontend.access_log,
+                request.method,
+                _text(request.target),
+                status,
+                bytes_in=request.body.received,
+                bytes_out=response.bytes_out,
+                seconds=seconds,
+                upstream=response.timing,
+            )
+            frontend.lifecycle.leave(task)
+        if response.keep_alive and not self.lost:
+            self._next()
+        elif not self.lost and self._transport is not None:
+            self._task = None
+            self._transport.close()
+
+    async def _answer(self, request: _Request, path: str, response: _Response) -> None:
+        frontend = self._frontend
+        problem = framing_problem(request.version, request.headers)
+        if problem is not None:
+            raise problem
+        headers = [(_text(n), _text(v)) for n, v in request.headers]
+        if frontend.hosts is not None:
+            host = next((v for n, v in headers if n.lower() == "host"), "")
+            name = host_name(host)
+            # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
+            if name and name not in frontend.hosts and not name.startswith("127."):
+                raise MisdirectedHost(
+                    "This proxy does not answer to that Host name; list it in "
+                    "PROXY_ALLOWED_HOSTS if it is meant to"
+                )
+        if (
+            frontend.keys is not None
+            and path not in HEALTH_PATHS
+            and not frontend.keys.accepts(presented_key(headers))
+        ):
+            raise Unauthorized(
+                "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
+                "api-key header or as Authorization: Bearer"
+            )
+        if request.method in ("GET", "HEAD") and path in _RESERVED:
+            await self._reserved(request, path, response)
+            return
+        if any(n.lower() == "upgrade" for n, _ in headers):
+            # h2c and other upgrades through a proxy are a known smuggling path: refuse them
+            # rather than drop the header and let the two ends disagree on the protocol.
+            offered = next(v for n, v in headers if n.lower() == "upgrade")
+            raise BadRequest(f"Upgrade to {offered!r} is not supported")
+        body: Any = None
+        length = request.content_length
+        if request.chunked or (length is not None and length > frontend.settings.replay_max_bytes):
+            body = request.body.pieces()
+        elif length:
+            body = await request.body.read_all()
+        elif length == 0:
+            body = b""
+        response.timing = UpstreamTiming()
+        await forward(
+            frontend.settings,
+            frontend.token_source,
+            frontend.upstream,
+            response,
+            method=request.method,
+            raw_target=_text(request.target),
+            headers=headers,
+            body=body,
+            timing=response.timing,
+        )
+        await response.end()
+
+    async def _reserved(self, request: _Request, path: str, response: _Response) -> None:
+        frontend = self._frontend
+        if path == METRICS_PATH:
+            page, content_type = frontend.metrics.exposition()
+            await response.send_whole(200, page, content_type)
+            return
+        if path == "/health/live":
+            # Independent of Entra and the upstream: restarting the pod would not fix either.
+            status, body = 200, {"status": "ok"}
+        else:
+            token = frontend.token_source.status()
+            status, body = readiness(token, draining=frontend.lifecycle.draining)
+        await response.send_whole(
+            status, _json(body), "application/json", extra=(("Cache-Control", "no-store"),)
+        )
+
+    def _hand_over(self, request: _Request, tail: bytes) -> None:
+        """Give the connection to aiohttp's server (WebSocket, CONNECT) with the request
+        head rebuilt from what llhttp parsed, and the bytes that followed it."""
+        self._pending_upgrade = None
+        self._frontend.connections.discard(self)
+        self._cancel_idle_timer()
+        transport = self._transport
+        assert transport is not None
+        head = b"%s %s HTTP/%d.%d\r\n" % (
+            request.method.encode("ascii"),
+            request.target,
+            *request.version,
+        )
+        head += b"".join(b"%s: %s\r\n" % field for field in request.headers) + b"\r\n"
+        handler = self._frontend.hand_over()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self._paused_by:
+            self._paused_by.clear()
+            transport.resume_reading()
+        handler.data_received(head + tail)
+
+    def _refuse(self, error: ProxyError) -> None:
+        """A request that cannot be parsed: answer it (after any answer in progress) and
+        close; nothing after it on the connection is read."""
+        log.warning("refused a malformed request: %s (HTTP %d)", error.message, error.status)
+        self._refusal = error
+        self.pause_reading("refused")
+        broken, self._parsing = self._parsing, None
+        if self._task is not None:
+            self._queue.clear()
+            if broken is not None and broken is self._serving:
+                # Its body turned out malformed: it must not reach (or finish reaching) the
+                # upstream. A task that has not run yet never starts.
+                self._task.cancel()
+            self._task.add_done_callback(lambda _: self._send_refusal())
+        else:
+            self._send_refusal()
+
+    def _send_refusal(self) -> None:
+        error = self._refusal
+        if error is None or self.lost or self._transport is None:
+            return
+        if self._transport.is_closing():
+            return  # an answer was under way and has been cut
+        self._transport.write(_error_bytes(error, close=True))
+        self._transport.close()
+
+    def _log_error(self, request: _Request, exc: ProxyError) -> None:
+        errors_log.warning(
+            "%s %s -> %d %s: %s",
+            request.method,
+            redact_target(_text(request.target)),
+            exc.status,
+            exc.code,
+            exc.message,
+        )
+
+    def _arm_idle_timer(self) -> None:
+        # A connection waiting for a request head gets PROXY_HEADER_TIMEOUT to send it
+        # whole: idle keep-alive and slow-header clients alike (nginx's client_header_timeout).
+        self._cancel_idle_timer()
+        self._idle_timer = self._loop.call_later(
+            self._frontend.settings.header_timeout, self._idle_timeout
+        )
+
+    def _cancel_idle_timer(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+
+    def _idle_timeout(self) -> None:
+        self._idle_timer = None
+        if self._task is None and self._transport is not None:
+            self._transport.close()
+
+
+_RESERVED = frozenset((*HEALTH_PATHS, METRICS_PATH))
+
+
+class _Response:
+    """The relay's Downstream on a ClientConnection: writes the head and frames the body."""
+
+    def __init__(self, connection: ClientConnection, request: _Request) -> None:
+        self._connection = connection
+        self._request = request
+        self.status = 0
+        self.started = False
+        self.keep_alive = request.keep_alive
+        self.bytes_out = 0
+        self.event_stream = False
+        self.timing: UpstreamTiming | None = None
+        self._chunked = False
+        self._bodyless = False
+
+    async def send_head(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        sized = False
+        for name, value in headers:
+            if "\r" in value or "\n" in value or "\x00" in value or "\n" in name:
+                raise BadGateway(
+                    f"Upstream sent a header the proxy cannot relay: {name!r}", kind="protocol"
+                )
+            lowered = name.lower()
+            if lowered == "content-length":
+                sized = True
+            elif lowered == "content-type":
+                self.event_stream = value.startswith("text/event-stream")
+            lines.append(f"{name}: {value}\r\n")
+        request = self._request
+        self._bodyless = request.method == "HEAD" or status in _NO_BODY or status < 200
+        if not self._bodyless and not sized:
+            if request.version >= (1, 1):
+                self._chunked = True
+                lines.append("Transfer-Encoding: chunked\r\n")
+            else:
+                self.keep_alive = False  # the body ends when the connection does
+        self._finish_head(lines)
+        self.status = status
+        await self._write("".join(lines).encode("latin-1"))
+
+    def _finish_head(self, lines: list[str]) -> None:
+        connection = self._connection
+        if not self._request.body.done or connection.draining:
+            # The client's body is not read to its end (or we are draining): the
+            # connection cannot carry another request.
+            self.keep_alive = False
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        lines.append("\r\n")
+        self.started = True
+
+    async def send(self, chunk: bytes) -> None:
+        if self._bodyless or not chunk:
+            return
+        if self._chunked:
+            chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
+        await self._write(chunk)
+
+    async def end(self) -> None:
+        if self._chunked:
+            self._chunked = False
+            await self._write(b"0\r\n\r\n")
+
+    def abort(self) -> None:
+        self.keep_alive = False
+        self._connection.abort()
+
+    async def send_whole(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        lines = [
+            f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\n",
+            f"Content-Type: {content_type}\r\n",
+            f"Content-Length: {len(body)}\r\n",
+            *(f"{name}: {value}\r\n" for name, value in extra),
+        ]
+        self._finish_head(lines)
+        self.status = status
+        head = "".join(lines).encode("latin-1")
+        await self._write(head if self._request.method == "HEAD" else head + body)
+
+    async def send_error(self, error: ProxyError) -> None:
+        if error.closes_connection:
+            self.keep_alive = False
+        await self.send_whole(error.status, error.error_body(), "application/json")
+
+    async def _write(self, data: bytes) -> None:
+        connection = self._connection
+        if connection.lost:
+            raise ConnectionResetError("the client closed the connection")
+        connection.write(data)
+        self.bytes_out += len(data)
+        await connection.drain()
+
+
+def _error_bytes(error: ProxyError, *, close: bool) -> bytes:
+    body = error.error_body()
+    head = (
+        f"HTTP/1.1 {error.status} {_PHRASES.get(error.status, '')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        + ("Connection: close\r\n" if close else "")
+        + "\r\n"
+    )
+    return head.encode("latin-1") + body
+
+
+def _json(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
+
+
+def _text(raw: bytes) -> str:
+    # latin-1 maps each byte to one character: the upstream client writes the same bytes back.
+    return raw.decode("latin-1")
+
+
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}

@@ -1,0 +1,544 @@
+"""The upstream HTTP/1.1 client: a keep-alive pool of raw asyncio connections parsed by llhttp.
+
+Why not a general-purpose client: a pooled aiohttp session spent about 70% of the proxy's
+CPU per request (issue 8). This client does only what a relay needs: write the request the
+relay built (its head in one write, its body streamed with flow control), parse the answer
+with httptools (llhttp, the parser uvicorn and aiohttp use; HTTP is never hand-parsed here)
+and hand the body on chunk by chunk, pausing the upstream socket while the client is slow.
+
+Behaviour a caller can rely on (tested at the socket, tests/integration):
+- nothing is added to or removed from the request the relay built, except body framing:
+  a streamed body without Content-Length is sent chunked (RFC 9112 7.1);
+- connections are reused while the upstream keeps them alive, and never after a response
+  that was not read to its end (an aborted stream closes its connection);
+- a request is sent once. Only an idempotent request (RFC 9110 9.2.2) that failed on a
+  *reused* connection before a single response byte arrived is sent again, once, on a new
+  connection: the upstream closed that idle connection as the request went out;
+- the idle read timeout covers the wait for the response head and every gap between body
+  bytes; the connect timeout covers TCP and TLS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import urllib.request
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import cast
+
+import httptools
+
+from .errors import BadGateway, GatewayTimeout, ProxyError
+from .relay import UpstreamRequest
+
+# The limits aiohttp's client applied before (and tests/integration/test_faults.py pins):
+# a response head with a longer field or more fields than this is refused with a 502.
+MAX_FIELD_BYTES = 8190
+MAX_HEADER_FIELDS = 128
+MAX_HEAD_BYTES = 64 * 1024
+# Upstream bytes buffered for a client that reads slower than the upstream writes, before
+# the upstream socket is paused (TCP then pushes back on the upstream).
+READ_HIGH_WATER = 256 * 1024
+READ_LOW_WATER = 64 * 1024
+# An idle pooled connection older than this is not reused: well under the keep-alive of
+# Azure's front ends and of common servers, so the upstream rarely closes one under us.
+IDLE_SECONDS = 15.0
+IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_NO_BODY_STATUSES = frozenset({204, 304})
+
+
+@dataclass(frozen=True)
+class Origin:
+    scheme: str
+    host: str
+    port: int
+
+    @classmethod
+    def of(cls, origin: str) -> Origin:
+        scheme, _, authority = origin.partition("://")
+        host, port = authority, 443 if scheme == "https" else 80
+        if authority.startswith("["):
+            host, _, rest = authority[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else port
+        elif ":" in authority:
+            host, _, number = authority.rpartition(":")
+            port = int(number)
+        return cls(scheme, host, port)
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """("https://host:port", "/path?query") of an absolute URL the relay built."""
+    slash = url.find("/", url.index("//") + 2)
+    return (url, "/") if slash < 0 else (url[:slash], url[slash:])
+
+
+def uses_egress_proxy(url: str) -> bool:
+    """Whether HTTPS_PROXY/HTTP_PROXY (not excluded by NO_PROXY) applies to `url`; this
+    client connects directly, so such an upstream is served by the aiohttp client."""
+    proxies = urllib.request.getproxies_environment()
+    origin = Origin.of(split_url(url)[0])
+    if origin.scheme not in proxies:
+        return False
+    # On Linux proxy_bypass is proxy_bypass_environment: NO_PROXY, as aiohttp reads it.
+    return not urllib.request.proxy_bypass(origin.host)
+
+
+class _Failure(Exception):
+    """Why a connection failed; `before_response` when not one response byte had arrived."""
+
+    def __init__(self, message: str, *, kind: str, before_response: bool) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.before_response = before_response
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection: parses responses, buffers a body within the water marks."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[_Connection], None]
+    ) -> None:
+        self._loop = loop
+        self._on_lost = on_lost
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.reused = False
+        self._can_write: asyncio.Future[None] | None = None
+        # The response being read.
+        self.head_request = False
+        self.status = 0
+        self.reason = ""
+        self.headers: list[tuple[str, str]] = []
+        self._raw_head_bytes = 0
+        self._header_bytes = 0
+        self._head: asyncio.Future[None] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.complete = False
+        self.keep_alive = False
+        self._received_any = False
+        self._framed = False  # Content-Length or chunked: EOF before the end is a failure
+        self._error: _Failure | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._received_any = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail("the upstream switched protocols on a plain HTTP request")
+        except httptools.HttpParserCallbackError as exc:
+            if self._error is None:
+                self._fail(str(exc.__context__ or exc))
+        except httptools.HttpParserError as exc:
+            self._fail(f"invalid response: {exc}")
+        if not self.status and not self.complete:
+            # Still in the head: httptools holds a field's bytes until it ends, so bound
+            # what an upstream can make it hold (on_header bounds each field and the total).
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > MAX_HEAD_BYTES + MAX_FIELD_BYTES:
+                self._fail(f"Got more than {MAX_HEAD_BYTES} bytes of response headers")
+
+    def eof_received(self) -> bool:
+        if self._head is not None and self._head.done() and not self._framed:
+            # A close-delimited body (no Content-Length, not chunked) ends here (RFC 9112 6.3).
+            self._finish(keep_alive=False)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._on_lost(self)
+        if not self.complete and self._head is not None:
+            message = str(exc) if exc is not None else "the upstream closed the connection"
+            self._fail(message, kind="reset")
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = self._loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.status:
+            return  # a trailer field: never turned into a header (RFC 9110 6.5.1)
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_HEAD_BYTES:
+            raise _Failure(
+                f"Got more than {MAX_HEAD_BYTES} bytes of response headers",
+                kind="protocol",
+                before_response=False,
+            )
+        if len(name) > MAX_FIELD_BYTES or len(value) > MAX_FIELD_BYTES:
+            raise _Failure(
+                f"Got more than {MAX_FIELD_BYTES} bytes in a response header line",
+                kind="protocol",
+                before_response=False,
+            )
+        if len(self.headers) >= MAX_HEADER_FIELDS:
+            raise _Failure(
+                f"Too many headers (more than {MAX_HEADER_FIELDS})",
+                kind="protocol",
+                before_response=False,
+            )
+        # latin-1: one character per byte, so the client gets exactly these bytes
+        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200:
+            # An interim answer (103 Early Hints; a 100 nobody asked for): not relayed, the
+            # final response follows on the same connection (RFC 9110 15.2).
+            self.headers = []
+            self.reason = ""
+            return
+        self.status = status
+        chunked = any(n.lower() == "transfer-encoding" for n, _ in self.headers)
+        sized = any(n.lower() == "content-length" for n, _ in self.headers)
+        self._framed = chunked or sized or status in _NO_BODY_STATUSES
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+        if self.head_request:
+            # llhttp cannot be told that this answers a HEAD; it would wait for the body the
+            # Content-Length announces. The response ends with its head; the connection is
+            # not reused.
+            self._finish(keep_alive=False)
+
+    def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > READ_HIGH_WATER and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self.status and not self.complete:
+            self._finish(keep_alive=self._parser.should_keep_alive())
+
+    # -- for the pool and the response ------------------------------------------------------
+
+    def begin(self, head_request: bool) -> None:
+        """Reset the per-response state before a request goes out on this connection."""
+        self.head_request = head_request
+        self.status = 0
+        self.reason = ""
+        self.headers = []
+        self._raw_head_bytes = 0
+        self._header_bytes = 0
+        self._head = self._loop.create_future()
+        self._chunks.clear()
+        self._buffered = 0
+        self.complete = False
+        self.keep_alive = False
+        self._received_any = False
+        self._framed = False
+        self._error = None
+
+    async def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        if self._error is not None:
+            raise self._error
+        self.transport.write(data)
+        if self._can_write is not None and not self._can_write.done():
+            await self._can_write
+        if self.closed and self._error is not None:
+            raise self._error
+
+    async def wait_head(self, seconds: float) -> None:
+        assert self._head is not None
+        if not self._head.done():
+            timer = self._loop.call_later(seconds, self._timed_out, self._head)
+            try:
+                await self._head
+            finally:
+                timer.cancel()
+        if self._error is not None and not self.status:
+            raise self._error
+
+    async def read(self, seconds: float) -> bytes:
+        """The next body bytes as they arrived; b"" at the end of the body."""
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self.complete:
+                return b""
+            self._waiter = self._loop.create_future()
+            timer = self._loop.call_later(seconds, self._timed_out, self._waiter)
+            try:
+                await self._waiter
+            finally:
+                timer.cancel()
+                self._waiter = None
+        chunk = self._chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._paused and self._buffered <= READ_LOW_WATER and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _finish(self, *, keep_alive: bool) -> None:
+        self.complete = True
+        self.keep_alive = keep_alive
+        self._wake()
+
+    def _fail(self, message: str, *, kind: str = "protocol") -> None:
+        if self._error is None:
+            self._error = _Failure(message, kind=kind, before_response=not self._received_any)
+        if self._head is not None and not self._head.done():
+            self._head.set_result(None)
+        self._wake()
+        if self.transport is not None and not self.closed:
+            self.closed = True
+            self.transport.abort()
+
+    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
+        self._fail("did not answer in time", kind="timeout")
+        if not waiter.done():
+            waiter.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class _Response:
+    """The seam's UpstreamResponse over one pooled connection."""
+
+    def __init__(self, connection: _Connection, origin: str, read_timeout: float) -> None:
+        self._connection = connection
+        self._origin = origin
+        self._read_timeout = read_timeout
+        self.status = connection.status
+        self.reason = connection.reason
+        self.headers = connection.headers
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        connection = self._connection
+        while True:
+            try:
+                chunk = await connection.read(self._read_timeout)
+            except _Failure as failure:
+                raise _mid_body_error(failure, self._origin) from None
+            if not chunk:
+                return
+            yield chunk
+
+
+class _Exchange:
+    """`async with pool.open(request) as response`: leaving it returns the connection to
+    the pool when the response was read to its end, and closes it otherwise."""
+
+    def __init__(self, pool: PooledUpstream, request: UpstreamRequest) -> None:
+        self._pool = pool
+        self._request = request
+        self._connection: _Connection | None = None
+
+    async def __aenter__(self) -> _Response:
+        pool, request = self._pool, self._request
+        origin, target = split_url(request.url)
+        body = request.body
+        for attempt in (1, 2):
+            connection = await pool.acquire(origin)
+            self._connection = connection
+            try:
+                await _send(connection, request.method, target, request.headers, body)
+                await connection.wait_head(pool.read_timeout)
+            except _Failure as failure:
+                connection.close()
+                self._connection = None
+                retry = (
+                    attempt == 1
+                    and connection.reused
+                    and failure.before_response
+                    and failure.kind == "reset"
+                    and request.method in IDEMPOTENT
+                    and not isinstance(body, AsyncIterable)
+                )
+                if not retry:
+                    raise _head_error(failure, origin) from None
+                continue
+            except BaseException:
+                connection.close()
+                self._connection = None
+                raise
+            return _Response(connection, origin, pool.read_timeout)
+        raise AssertionError("unreachable")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if exc_type is None and connection.complete and connection.keep_alive:
+            self._pool.release(split_url(self._request.url)[0], connection)
+        else:
+            connection.close()
+
+
+async def _send(
+    connection: _Connection,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: AsyncIterable[bytes] | bytes | None,
+) -> None:
+    connection.begin(head_request=method == "HEAD")
+    lines = [f"{method} {target} HTTP/1.1\r\n"]
+    sized = False
+    for name, value in headers:
+        lines.append(f"{name}: {value}\r\n")
+        if not sized and len(name) == 14 and name.lower() == "content-length":
+            sized = True
+    chunked = isinstance(body, AsyncIterable) and not sized
+    if chunked:
+        lines.append("Transfer-Encoding: chunked\r\n")
+    elif isinstance(body, bytes) and not sized:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    # Header values are latin-1 text of the bytes the client sent (see relay.relay), so
+    # this restores those bytes exactly.
+    head = "".join(lines).encode("latin-1")
+    if body is None or isinstance(body, bytes):
+        await connection.write(head + body if body else head)
+        return
+    await connection.write(head)
+    async for piece in body:
+        if not piece:
+            continue
+        await connection.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+    if chunked:
+        await connection.write(b"0\r\n\r\n")
+
+
+def _head_error(failure: _Failure, origin: str) -> ProxyError:
+    if failure.kind == "timeout":
+        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
+    if failure.kind == "reset":
+        return BadGateway(f"Upstream {origin} closed the connection: {failure}", kind="reset")
+    return BadGateway(f"Upstream {origin} failed: {failure}", kind=failure.kind)
+
+
+def _mid_body_error(failure: _Failure, origin: str) -> ProxyError:
+    if failure.kind == "timeout":
+        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
+    return BadGateway(f"Upstream {origin} broke off its response: {failure}", kind="reset")
+
+
+class PooledUpstream:
+    """The seam's Upstream: keep-alive connections to the upstream origin, reused LIFO."""
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        connect_timeout: float,
+        read_timeout: float,
+        idle_seconds: float = IDLE_SECONDS,
+    ) -> None:
+        self._ssl_context = ssl_context
+        self._connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._idle_seconds = idle_seconds
+        self._idle: dict[str, list[_Connection]] = {}
+        self._all: set[_Connection] = set()
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        for connection in list(self._all):
+            connection.close()
+        self._all.clear()
+        self._idle.clear()
+
+    def open(self, request: UpstreamRequest) -> _Exchange:
+        return _Exchange(self, request)
+
+    async def acquire(self, origin: str) -> _Connection:
+        idle = self._idle.get(origin)
+        if idle:
+            now = asyncio.get_running_loop().time()
+            while idle:
+                connection = idle.pop()
+                if connection.closed or now - connection.idle_since > self._idle_seconds:
+                    self._drop(connection)
+                    continue
+                connection.reused = True
+                return connection
+        return await self._connect(origin)
+
+    def release(self, origin: str, connection: _Connection) -> None:
+        if connection.closed:
+            self._drop(connection)
+            return
+        connection.idle_since = asyncio.get_running_loop().time()
+        self._idle.setdefault(origin, []).append(connection)
+
+    def _drop(self, connection: _Connection) -> None:
+        connection.close()
+        self._all.discard(connection)
+
+    async def _connect(self, origin: str) -> _Connection:
+        where = Origin.of(origin)
+        loop = asyncio.get_running_loop()
+        tls = where.scheme == "https"
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self._all.discard),
+                    where.host,
+                    where.port,
+                    ssl=self._ssl_context if tls else None,
+                    server_hostname=where.host if tls else None,
+                )
+        except TimeoutError:
+            raise GatewayTimeout(
+                f"Cannot connect to upstream {origin}: timed out", kind="connect"
+            ) from None
+        except ssl.SSLError as exc:
+            # Verification is never switched off: name the CA settings that fix it.
+            raise BadGateway(
+                f"TLS with upstream {origin} failed: {exc}; trust its CA with SSL_CERT_FILE "
+                "or PROXY_UPSTREAM_CA_FILE",
+                kind="tls",
+            ) from None
+        except OSError as exc:
+            message = f"Cannot connect to upstream {origin}: {exc}"
+            raise BadGateway(message, kind="connect") from None
+        self._all.add(connection)
+        return connection
