@@ -53,10 +53,11 @@ def upstream_url(base_url: str, raw_target: str) -> str:
     path, question, query = raw_target.partition("?")
     if path.startswith("//"):
         raise BadRequest("A request path must not start with //")
-    for segment in path.split("/"):
-        decoded = unquote(unquote(segment))  # twice: a double-encoded %252e is still a dot
-        if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
-            raise BadRequest(f"Request path segment {segment!r} is not allowed")
+    if "%" in path or "\\" in path or "/." in path or "\x00" in path:  # else nothing to find
+        for segment in path.split("/"):
+            decoded = unquote(unquote(segment))  # twice: a double-encoded %252e is a dot too
+            if decoded in (".", "..") or any(c in decoded for c in "/\\\x00"):
+                raise BadRequest(f"Request path segment {segment!r} is not allowed")
     suffix = ""
     if question:
         kept = strip_credential_parameters(query)

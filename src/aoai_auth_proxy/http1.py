@@ -60,6 +60,8 @@ MAX_TARGET_BYTES = 8190
 # Request body bytes buffered ahead of the upstream before the client socket is paused.
 BODY_HIGH_WATER = 256 * 1024
 BODY_LOW_WATER = 64 * 1024
+# Bytes for the client collected within one loop iteration before they are sent at once.
+WRITE_COALESCE_BYTES = 64 * 1024
 METRICS_PATH = "/metrics"
 # Fields a request may carry once (RFC 9110 5.3: a repeat of these cannot be combined); a
 # second Host in particular lets two parsers disagree on where a request goes.
@@ -239,6 +241,8 @@ class ClientConnection(asyncio.Protocol):
         self._idle_timer: asyncio.TimerHandle | None = None
         self._pending_upgrade: tuple[_Request, bytes] | None = None
         self._refusal: ProxyError | None = None
+        self._out: list[bytes] = []
+        self._out_bytes = 0
         self.lost = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -386,10 +390,29 @@ class ClientConnection(asyncio.Protocol):
             self._transport.resume_reading()
 
     def write(self, data: bytes) -> None:
+        """Queue bytes for the client; what one loop iteration writes (a small response's
+        head, body and end) goes out in one send instead of three."""
+        if self.lost:
+            return
+        if not self._out:
+            self._loop.call_soon(self.flush)
+        self._out.append(data)
+        self._out_bytes += len(data)
+        if self._out_bytes >= WRITE_COALESCE_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        data = self._out[0] if len(self._out) == 1 else b"".join(self._out)
+        self._out.clear()
+        self._out_bytes = 0
         if self._transport is not None and not self.lost:
             self._transport.write(data)
 
     async def drain(self) -> None:
+        if self._out_bytes >= WRITE_COALESCE_BYTES:
+            self.flush()
         if self.lost:
             raise ConnectionResetError("the client closed the connection")
         if self._can_write is not None and not self._can_write.done():
@@ -408,6 +431,7 @@ class ClientConnection(asyncio.Protocol):
     def close_if_idle(self) -> None:
         idle = self._task is None and not self._queue and self._parsing is None
         if idle and self._transport is not None:
+            self.flush()
             self._transport.close()
 
     # -- requests, one at a time ------------------------------------------------------------
@@ -492,6 +516,7 @@ class ClientConnection(asyncio.Protocol):
             self._next()
         elif not self.lost and self._transport is not None:
             self._task = None
+            self.flush()
             self._transport.close()
 
     async def _answer(self, request: _Request, path: str, response: _Response) -> None:
@@ -578,6 +603,7 @@ class ClientConnection(asyncio.Protocol):
             *request.version,
         )
         head += b"".join(b"%s: %s\r\n" % field for field in request.headers) + b"\r\n"
+        self.flush()
         handler = self._frontend.hand_over()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -609,6 +635,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._transport.is_closing():
             return  # an answer was under way and has been cut
+        self.flush()
         self._transport.write(_error_bytes(error, close=True))
         self._transport.close()
 
@@ -638,6 +665,7 @@ class ClientConnection(asyncio.Protocol):
     def _idle_timeout(self) -> None:
         self._idle_timer = None
         if self._task is None and self._transport is not None:
+            self.flush()
             self._transport.close()
 
 

@@ -127,6 +127,7 @@ class Metrics:
             registry=r,
         )
         self._deployments: set[str] = set()
+        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram]] = {}
 
     def deployment(self, path: str) -> str:
         """A bounded label for `path`: the first MAX_DEPLOYMENT_LABELS names, then "other"."""
@@ -212,8 +213,19 @@ class Metrics:
     ) -> None:
         """Count one answered request (whichever server answered it)."""
         method = method if method in METHODS else OTHER
-        self.requests.labels(method, code, deployment).inc()
-        self.duration.labels(deployment).observe(seconds)
+        key = (method, code, deployment)
+        children = self._children.get(key)
+        if children is None:
+            # labels() takes a lock and builds a tuple on every call: the label sets are
+            # bounded (METHODS x status codes x MAX_DEPLOYMENT_LABELS), so keep the children.
+            children = self._children[key] = (
+                self.requests.labels(method, code, deployment),
+                self.duration.labels(deployment),
+                self.ttfb.labels(deployment),
+            )
+        requests, duration, ttfb = children
+        requests.inc()
+        duration.observe(seconds)
         if streamed:
             self.stream_duration.labels(deployment).observe(seconds)
         if code == "429":
@@ -227,7 +239,7 @@ class Metrics:
             self.websocket_duration.observe(seconds)
         if timing is not None:
             if timing.ttfb is not None:
-                self.ttfb.labels(deployment).observe(timing.ttfb)
+                ttfb.observe(timing.ttfb)
             if timing.error_kind is not None:
                 self.upstream_errors.labels(timing.error_kind).inc()
 
