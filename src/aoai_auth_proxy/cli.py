@@ -25,6 +25,7 @@ from .logs import configure_logging
 from .outbound import client_ssl_context
 from .server import ProxyServer
 from .signin import EntraTokenFetcher
+from .workers import supervise
 
 log = logging.getLogger("aoai_auth_proxy")
 
@@ -32,6 +33,7 @@ log = logging.getLogger("aoai_auth_proxy")
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+_SUPERVISOR_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
@@ -70,6 +72,15 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
     if args.command == "check":
         configure_logging("WARNING", settings.log_format)
         return asyncio.run(check(settings))
+    if settings.workers > 1:
+        # Each worker configures its own logging after the fork (the access-log flusher is
+        # a thread, and threads do not survive a fork).
+        logging.basicConfig(level=settings.log_level, format=_SUPERVISOR_FORMAT)
+        return supervise(settings.workers, lambda _: _serve_configured(settings))
+    return _serve_configured(settings)
+
+
+def _serve_configured(settings: Settings) -> int:
     configure_logging(settings.log_level, settings.log_format)
     return _run(serve(settings))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ class Settings:
     # PROXY_ALLOWED_HOSTS: Host header names accepted; None means "loopback names only" when
     # bound to loopback (against DNS rebinding), and any name otherwise.
     allowed_hosts: frozenset[str] | None = None
+    # PROXY_WORKERS: processes sharing the port with SO_REUSEPORT, each with its own token
+    # source and upstream pool (the shared-gateway deployment); 1 for a sidecar.
+    workers: int = 1
 
     @property
     def upstream_host(self) -> str:
@@ -165,7 +169,12 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
         admin_port=parse("PROXY_ADMIN_PORT", None, _port),
         api_keys=api_keys,
         allowed_hosts=parse("PROXY_ALLOWED_HOSTS", None, _host_names),
+        workers=parse("PROXY_WORKERS", 1, _workers),
     )
+    if settings.workers > 1 and settings.port == 0:
+        problems.append(f"PROXY_WORKERS={settings.workers} needs a fixed PORT, not 0")
+    if settings.workers > 1 and settings.admin_port == 0:
+        problems.append(f"PROXY_WORKERS={settings.workers} needs a fixed PROXY_ADMIN_PORT, not 0")
     if settings.admin_port is not None and settings.admin_port == settings.port != 0:
         problems.append(f"PROXY_ADMIN_PORT={settings.admin_port} is the same as PORT")
     if problems:
@@ -192,6 +201,19 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value < 1:
         raise ValueError("must be a positive whole number")
+    return value
+
+
+MAX_WORKERS = 64
+
+
+def _workers(raw: str) -> int:
+    """A count, or `auto`: one per CPU this process may run on."""
+    if raw.strip().lower() == "auto":
+        return max(1, len(os.sched_getaffinity(0)))
+    value = int(raw)
+    if not 1 <= value <= MAX_WORKERS:
+        raise ValueError(f"must be `auto` or a whole number from 1 to {MAX_WORKERS}")
     return value
 
 

@@ -93,12 +93,11 @@ def redact_target(raw_target: str) -> str:
 
 def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     """The options named by every Connection header, lower case (RFC 9110 7.6.1)."""
-    return {
-        token.strip().lower()
-        for name, value in headers
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
+    tokens: set[str] = set()
+    for name, value in headers:
+        if len(name) == 10 and name.lower() == "connection":  # runs for every request
+            tokens.update(token.strip().lower() for token in value.split(","))
+    return tokens
 
 
 def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list[tuple[str, str]]:
@@ -106,9 +105,9 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
 
     Every other header keeps its order, letter case and repetitions.
     """
-    dropped = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY | connection_tokens(headers)
+    dropped = _DROPPED_UPSTREAM | connection_tokens(headers)
     forwarded = [("Host", host)]
-    forwarded.extend((name, value) for name, value in headers if name.lower() not in dropped)
+    forwarded += [(name, value) for name, value in headers if name.lower() not in dropped]
     forwarded.append(("Authorization", f"Bearer {token}"))
     return forwarded
 
@@ -117,3 +116,6 @@ def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
     dropped = HOP_BY_HOP | connection_tokens(headers)
     return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+_DROPPED_UPSTREAM = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY

@@ -159,10 +159,12 @@ class _Request:
         "chunked",
         "content_length",
         "headers",
+        "host",
         "keep_alive",
         "method",
         "target",
         "upgrade",
+        "upgrade_offer",
         "version",
     )
 
@@ -176,6 +178,8 @@ class _Request:
         self.upgrade = False
         self.content_length: int | None = None
         self.chunked = False
+        self.host = b""
+        self.upgrade_offer: bytes | None = None
 
 
 class Frontend:
@@ -347,7 +351,11 @@ class ClientConnection(asyncio.Protocol):
                 if lowered in seen:
                     raise _Refused(BadFraming(f"Repeated {name.decode('latin-1')} header"))
                 seen.add(lowered)
-            if lowered == b"content-length":
+            if lowered == b"host":
+                request.host = value
+            elif lowered == b"upgrade":
+                request.upgrade_offer = value
+            elif lowered == b"content-length":
                 request.content_length = int(value)
             elif lowered == b"transfer-encoding":
                 request.chunked = True
@@ -521,13 +529,13 @@ class ClientConnection(asyncio.Protocol):
 
     async def _answer(self, request: _Request, path: str, response: _Response) -> None:
         frontend = self._frontend
-        problem = framing_problem(request.version, request.headers)
-        if problem is not None:
-            raise problem
+        if request.chunked or request.version < (1, 0):  # else no rule of it applies
+            problem = framing_problem(request.version, request.headers)
+            if problem is not None:
+                raise problem
         headers = [(_text(n), _text(v)) for n, v in request.headers]
         if frontend.hosts is not None:
-            host = next((v for n, v in headers if n.lower() == "host"), "")
-            name = host_name(host)
+            name = host_name(_text(request.host))
             # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
             if name and name not in frontend.hosts and not name.startswith("127."):
                 raise MisdirectedHost(
@@ -546,10 +554,10 @@ class ClientConnection(asyncio.Protocol):
         if request.method in ("GET", "HEAD") and path in _RESERVED:
             await self._reserved(request, path, response)
             return
-        if any(n.lower() == "upgrade" for n, _ in headers):
+        if request.upgrade_offer is not None:
             # h2c and other upgrades through a proxy are a known smuggling path: refuse them
             # rather than drop the header and let the two ends disagree on the protocol.
-            offered = next(v for n, v in headers if n.lower() == "upgrade")
+            offered = _text(request.upgrade_offer)
             raise BadRequest(f"Upgrade to {offered!r} is not supported")
         body: Any = None
         length = request.content_length

@@ -77,7 +77,12 @@ class ProxyServer:
             if settings.admin_port is not None:
                 self._admin = web.AppRunner(create_admin_app(self.app), access_log=None)
                 await self._admin.setup()
-                await web.TCPSite(self._admin, settings.admin_host, settings.admin_port).start()
+                await web.TCPSite(
+                    self._admin,
+                    settings.admin_host,
+                    settings.admin_port,
+                    reuse_port=settings.workers > 1 or None,
+                ).start()
                 self.admin_url = _runner_url(self._admin)
         except BaseException:
             await self._cleanup()
@@ -118,8 +123,15 @@ class ProxyServer:
                 return _Refuse(limit)
             return ClientConnection(frontend)
 
+        # With PROXY_WORKERS the kernel spreads new connections over the workers' listeners
+        # (SO_REUSEPORT), with no accept lock and no hand-off between processes.
         return await loop.create_server(
-            factory, settings.host, settings.port, reuse_address=True, backlog=1024
+            factory,
+            settings.host,
+            settings.port,
+            reuse_address=True,
+            reuse_port=settings.workers > 1 or None,
+            backlog=1024,
         )
 
     async def wait_ready(self, stop: asyncio.Event) -> bool:

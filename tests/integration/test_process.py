@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from aoai_auth_proxy.testing import AzureOpenAIStandIn, ClientCertificate, Entra
 from tests.conftest import CLIENT_ID, TENANT_ID, wait_ready
 
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+ECHO_BODY = {"messages": [{"role": "user", "content": "hi"}]}
 
 
 class ProxyProcess:
@@ -344,3 +346,52 @@ async def test_overload_is_refused_quickly_within_a_memory_bound_while_streams_f
     assert growth < 16 * 1024 * 1024, f"RSS grew {growth / 2**20:.1f} MiB under overload"
     proxy.process.send_signal(signal.SIGTERM)
     assert await proxy.wait() == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_workers_share_the_port_and_stop_together(
+    proxy_env: dict[str, str], aoai: AzureOpenAIStandIn
+) -> None:
+    port = _free_port()
+    proxy = await spawn({**proxy_env, "PORT": str(port), "PROXY_WORKERS": "2"})
+    url = await proxy.listening()
+    await wait_ready(url)
+    supervisor = psutil.Process(proxy.process.pid)
+    workers = supervisor.children()
+    assert len(workers) == 2
+    # 24 connections held open at once: SO_REUSEPORT spreads them over both listeners (all
+    # on one worker has a chance of 2**-23).
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=24)) as client:
+
+        async def call() -> int:
+            async with client.post(url + CHAT, json=ECHO_BODY) as response:
+                await response.read()
+                return response.status
+
+        assert await asyncio.gather(*(call() for _ in range(24))) == [200] * 24
+        served = [
+            sum(c.laddr.port == port for c in w.net_connections() if c.status == "ESTABLISHED")
+            for w in workers
+        ]
+        assert all(count > 0 for count in served), served
+    proxy.process.send_signal(signal.SIGTERM)
+    assert await proxy.wait() == 0
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    assert sum("listening on" in line for line in proxy.lines) == 2
+
+
+async def test_a_worker_that_cannot_start_stops_the_supervisor_with_1(
+    proxy_env: dict[str, str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()  # no SO_REUSEPORT: the workers cannot share this port
+        port = taken.getsockname()[1]
+        proxy = await spawn({**proxy_env, "PORT": str(port), "PROXY_WORKERS": "2"})
+        assert await proxy.wait() == 1
+    assert any("cannot listen" in line for line in proxy.lines), proxy.log

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,25 @@ def test_a_proxy_reached_over_tls_is_refused_rather_than_silently_bypassed(
     (problem,) = problems(env(certificate_file, HTTPS_PROXY="https://proxy.corp:3128"))
     assert problem.startswith("HTTPS_PROXY='https://proxy.corp:3128': a proxy reached over TLS")
     load_settings(env(certificate_file, HTTPS_PROXY="http://proxy.corp:3128"))
+
+
+def test_workers_default_to_one_and_accept_a_count_or_auto(certificate_file: Path) -> None:
+    assert load_settings(env(certificate_file)).workers == 1
+    assert load_settings(env(certificate_file, PROXY_WORKERS="3")).workers == 3
+    assert load_settings(env(certificate_file, PROXY_WORKERS="auto")).workers == len(
+        os.sched_getaffinity(0)
+    )
+
+
+@pytest.mark.parametrize("raw", ["0", "65", "two", "-1"])
+def test_bad_worker_counts_are_refused(certificate_file: Path, raw: str) -> None:
+    (problem,) = problems(env(certificate_file, PROXY_WORKERS=raw))
+    assert problem.startswith(f"PROXY_WORKERS={raw!r} is invalid")
+
+
+def test_workers_need_fixed_ports(certificate_file: Path) -> None:
+    found = problems(env(certificate_file, PROXY_WORKERS="2", PORT="0", PROXY_ADMIN_PORT="0"))
+    assert found == (
+        "PROXY_WORKERS=2 needs a fixed PORT, not 0",
+        "PROXY_WORKERS=2 needs a fixed PROXY_ADMIN_PORT, not 0",
+    )
