@@ -87,9 +87,17 @@ class TokenSource(Protocol):
         """A usable token, or raise NoValidToken (carrying Entra's error)."""
         ...
 
+    def held(self) -> str | None:
+        """The token `token()` would return now without waiting, or None (then call it)."""
+        ...
+
     async def renew(self, rejected: str) -> bool:
         """The upstream refused `rejected` (401): get a different token if allowed now.
         True when a different usable token is held afterwards."""
+        ...
+
+    def may_renew(self, rejected: str) -> bool:
+        """Whether renew(rejected) would try at all now (False: rate limited)."""
         ...
 
     def status(self) -> TokenStatus: ...
@@ -176,6 +184,10 @@ class RefreshingTokenSource:
             last_error=self._last_error,
         )
 
+    def held(self) -> str | None:
+        token = self._token
+        return token.value if token is not None and token.usable(self._clock()) else None
+
     async def token(self) -> str:
         token = self._token
         if token is not None and token.usable(self._clock()):
@@ -191,6 +203,12 @@ class RefreshingTokenSource:
                     return token.value
         reason = self._last_error or "the first token has not been acquired yet"
         raise NoValidToken(f"No valid Entra ID token for the upstream: {reason}")
+
+    def may_renew(self, rejected: str) -> bool:
+        held = self._token
+        if held is not None and held.value != rejected and held.usable(self._clock()):
+            return True
+        return self._clock() - self._last_renewal >= RENEW_MIN_INTERVAL_SECONDS
 
     async def renew(self, rejected: str) -> bool:
         held = self._token

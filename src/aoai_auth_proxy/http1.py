@@ -40,18 +40,28 @@ from .errors import (
     ProxyError,
     Unauthorized,
 )
-from .forwarding import redact_target
+from .forwarding import (
+    client_response_headers,
+    redact_target,
+    upstream_request_headers,
+    upstream_url,
+)
 from .health import HEALTH_PATHS, readiness
 from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_name, presented_key
 from .lifecycle import Lifecycle
 from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
 from .metrics import Metrics
 from .relay import Upstream, forward
+from .upstream import PooledConnection, PooledUpstream
 
 log = logging.getLogger(__name__)
 # Answered errors keep the logger name they had under aiohttp's server (app.py), so filters
 # and alerts written against it keep working.
 errors_log = logging.getLogger("aoai_auth_proxy.app")
+# As relay.py logs it for the task way: one logger for "the upstream broke off".
+relay_log = logging.getLogger("aoai_auth_proxy.relay")
+# The upstream's request id, for the access line: Azure's API Management id first.
+_REQUEST_IDS = ("apim-request-id", "x-request-id")
 
 # The limits aiohttp's server applied on this port before (tests/integration/test_hostile.py).
 MAX_FIELD_BYTES = 8190
@@ -99,13 +109,16 @@ class _Body:
         self.received = 0
         self.done = False
         self.expect_continue = False
+        # Kept whole (at most PROXY_REPLAY_MAX_BYTES) before the request starts: reading it
+        # must not pause at the streaming water mark.
+        self.kept = False
         self._waiter: asyncio.Future[None] | None = None
 
     def feed(self, data: bytes) -> None:
         self._pieces.append(data)
         self._buffered += len(data)
         self.received += len(data)
-        if self._buffered > BODY_HIGH_WATER:
+        if self._buffered > BODY_HIGH_WATER and not self.kept:
             self._connection.pause_reading("body")
         self._wake()
 
@@ -138,6 +151,18 @@ class _Body:
         if self._buffered <= BODY_LOW_WATER:
             self._connection.resume_reading("body")
         return piece
+
+    def take(self) -> bytes:
+        """The whole body, once it is done (express way)."""
+        data = b"".join(self._pieces)
+        self._pieces.clear()
+        self._buffered = 0
+        return data
+
+    def put_back(self, data: bytes | None) -> None:
+        if data:
+            self._pieces.appendleft(data)
+            self._buffered += len(data)
 
     async def read_all(self) -> bytes:
         parts = []
@@ -180,6 +205,19 @@ class _Request:
         self.chunked = False
         self.host = b""
         self.upgrade_offer: bytes | None = None
+
+    def streams(self, settings: Settings) -> bool:
+        return _streams(self, settings)
+
+
+def _streams(request: _Request, settings: Settings) -> bool:
+    length = request.content_length
+    # It starts before its body is in: a streamed body, or a client waiting for 100 Continue.
+    return (
+        request.chunked
+        or request.body.expect_continue
+        or (length is not None and length > settings.replay_max_bytes)
+    )
 
 
 class Frontend:
@@ -237,6 +275,7 @@ class ClientConnection(asyncio.Protocol):
         self._parsing: _Request | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
+        self._express: _Express | None = None
         self._serving: _Request | None = None
         self._url = bytearray()
         self._header_bytes = 0
@@ -270,7 +309,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self._pending_upgrade = (request, data[upgrade.args[0] :])
             self.pause_reading("upgrade")
-            if self._task is None:
+            if not self._busy:
                 self._next()  # else once the answer in progress is out
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -298,14 +337,20 @@ class ClientConnection(asyncio.Protocol):
         if self._task is not None and not self._task.done():
             # As aiohttp's handler_cancellation: the upstream request ends with the client.
             self._task.cancel()
+        if self._express is not None:
+            self._express.cancel()
 
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
             self._can_write = self._loop.create_future()
+        if self._express is not None:
+            self._express.client_paused()
 
     def resume_writing(self) -> None:
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
+        if self._express is not None:
+            self._express.client_resumed()
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -368,11 +413,12 @@ class ClientConnection(asyncio.Protocol):
             raise _Refused(BadFraming("An HTTP/1.1 request must carry a Host header"))
         if request.upgrade:
             return  # httptools raises HttpParserUpgrade next: see data_received
+        request.body.kept = not request.streams(self._frontend.settings)
         self._queue.append(request)
-        if self._task is None:
-            self._next()
-        else:
+        if self._busy:
             self.pause_reading("pipeline")  # one request at a time, in order
+        else:
+            self._next()
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -382,6 +428,8 @@ class ClientConnection(asyncio.Protocol):
         if self._parsing is not None and not self._parsing.upgrade:
             self._parsing.body.finish()
             self._parsing = None
+            if not self._busy and self._queue:
+                self._next()  # a request whose whole body it waited for
 
     # -- flow control and writing -----------------------------------------------------------
 
@@ -436,22 +484,44 @@ class ClientConnection(asyncio.Protocol):
     def draining(self) -> bool:
         return self._frontend.closing
 
+    @property
+    def frontend(self) -> Frontend:
+        return self._frontend
+
     def close_if_idle(self) -> None:
-        idle = self._task is None and not self._queue and self._parsing is None
+        idle = not self._busy and not self._queue and self._parsing is None
         if idle and self._transport is not None:
             self.flush()
             self._transport.close()
 
     # -- requests, one at a time ------------------------------------------------------------
 
+    @property
+    def _busy(self) -> bool:
+        return self._task is not None or self._express is not None
+
     def _next(self) -> None:
-        """Start the next queued request, or hand the connection over, or wait for one."""
+        """Start the next queued request, or hand the connection over, or wait for one.
+
+        A request whose body is small enough to keep (PROXY_REPLAY_MAX_BYTES) starts once it
+        is whole: then it usually goes the express way (`_Express`). Others start at once
+        and stream (`_serve`, a task), as do requests the express way cannot take."""
         self._task = None
+        self._express = None
         if self.lost:
             return
         if self._queue:
-            request = self._serving = self._queue.popleft()
-            self._task = self._loop.create_task(self._serve(request))
+            request = self._queue[0]
+            if not (request.body.done or request.streams(self._frontend.settings)):
+                self.resume_reading("pipeline")  # wait for the rest of its body
+                return
+            self._queue.popleft()
+            self._serving = request
+            # Its body (if still coming) must flow; a request pipelined behind it pauses
+            # reading again once its head is in (on_headers_complete).
+            self.resume_reading("pipeline")
+            if not self._try_express(request):
+                self._task = self._loop.create_task(self._serve(request))
             return
         self._serving = None
         if self._pending_upgrade is not None:
@@ -463,7 +533,83 @@ class ClientConnection(asyncio.Protocol):
         self.resume_reading("pipeline")
         self._arm_idle_timer()
 
-    async def _serve(self, request: _Request) -> None:
+    def _try_express(self, request: _Request) -> bool:
+        """Relay `request` by callbacks if nothing about it needs the task path: its body
+        is whole, it passes the inbound rules, a token is held and a pooled upstream
+        connection is idle. False (nothing sent, nothing answered) otherwise."""
+        frontend = self._frontend
+        upstream = frontend.upstream
+        if not isinstance(upstream, PooledUpstream) or not request.body.done:
+            return False
+        if request.chunked or request.upgrade_offer is not None or request.version < (1, 0):
+            return False
+        target = _text(request.target)
+        path = target.partition("?")[0]
+        if path in _RESERVED:
+            return False
+        token = frontend.token_source.held()
+        if token is None:
+            return False
+        headers = [(_text(n), _text(v)) for n, v in request.headers]
+        if frontend.hosts is not None:
+            name = host_name(_text(request.host))
+            if name and name not in frontend.hosts and not name.startswith("127."):
+                return False
+        if frontend.keys is not None and not frontend.keys.accepts(presented_key(headers)):
+            return False
+        try:
+            url = upstream_url(frontend.settings.api_base_url, target)
+        except ProxyError:
+            return False
+        body = request.body.take() if request.content_length is not None else None
+        express = _Express(self, request, path, target, token, body)
+        forwarded = upstream_request_headers(
+            headers, token=token, host=frontend.settings.upstream_host
+        )
+        connection = upstream.express(request.method, url, forwarded, body, express)
+        if connection is None:
+            request.body.put_back(body)
+            return False
+        express.start(connection)
+        self._express = express
+        return True
+
+    def express_done(self, express: _Express, *, keep_alive: bool) -> None:
+        """An express exchange has answered (or been cut); go on with the connection."""
+        if self._express is not express:
+            return
+        self._express = None
+        if self.lost:
+            return
+        if self._refusal is not None:
+            self._send_refusal()
+        elif keep_alive:
+            if self._queue:
+                # Not from inside the upstream connection's parser callback, which may have
+                # just put that connection back in the pool for the next request to take.
+                self._express = express  # still busy until then
+                self._loop.call_soon(self._resume_after, express)
+            else:
+                self._next()
+        elif self._transport is not None:
+            self.flush()
+            self._transport.close()
+
+    def express_fallback(
+        self, express: _Express, request: _Request, body: bytes | None, rejected: str | None
+    ) -> None:
+        """The express way cannot finish `request`: the task way takes it from the start."""
+        if self._express is express:
+            self._express = None
+            request.body.put_back(body)
+            if not self.lost:
+                self._task = self._loop.create_task(self._serve(request, rejected=rejected))
+
+    def _resume_after(self, express: _Express) -> None:
+        if self._express is express:
+            self._next()
+
+    async def _serve(self, request: _Request, *, rejected: str | None = None) -> None:
         frontend = self._frontend
         task = asyncio.current_task()
         assert task is not None
@@ -476,11 +622,11 @@ class ClientConnection(asyncio.Protocol):
             frontend.metrics.in_flight.inc()
         status = 500
         try:
-            await self._answer(request, path, response)
+            await self._answer(request, path, response, rejected=rejected)
             status = response.status
         except ProxyError as exc:
             status = exc.status
-            self._log_error(request, exc)
+            self.log_error(request, exc)
             if response.started:
                 response.abort()  # a head is out: the client must see a broken response
             else:
@@ -527,7 +673,9 @@ class ClientConnection(asyncio.Protocol):
             self.flush()
             self._transport.close()
 
-    async def _answer(self, request: _Request, path: str, response: _Response) -> None:
+    async def _answer(
+        self, request: _Request, path: str, response: _Response, *, rejected: str | None
+    ) -> None:
         frontend = self._frontend
         if request.chunked or request.version < (1, 0):  # else no rule of it applies
             problem = framing_problem(request.version, request.headers)
@@ -578,6 +726,7 @@ class ClientConnection(asyncio.Protocol):
             headers=headers,
             body=body,
             timing=response.timing,
+            rejected=rejected,
         )
         await response.end()
 
@@ -627,7 +776,9 @@ class ClientConnection(asyncio.Protocol):
         self._refusal = error
         self.pause_reading("refused")
         broken, self._parsing = self._parsing, None
-        if self._task is not None:
+        if self._express is not None:
+            self._queue.clear()  # _Express.finish sends the refusal after its answer
+        elif self._task is not None:
             self._queue.clear()
             if broken is not None and broken is self._serving:
                 # Its body turned out malformed: it must not reach (or finish reaching) the
@@ -647,7 +798,7 @@ class ClientConnection(asyncio.Protocol):
         self._transport.write(_error_bytes(error, close=True))
         self._transport.close()
 
-    def _log_error(self, request: _Request, exc: ProxyError) -> None:
+    def log_error(self, request: _Request, exc: ProxyError) -> None:
         errors_log.warning(
             "%s %s -> %d %s: %s",
             request.method,
@@ -672,12 +823,173 @@ class ClientConnection(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         self._idle_timer = None
-        if self._task is None and self._transport is not None:
+        if not self._busy and self._transport is not None:
             self.flush()
             self._transport.close()
 
 
 _RESERVED = frozenset((*HEALTH_PATHS, METRICS_PATH))
+
+
+class _Express:
+    """One request relayed by callbacks, from the upstream connection's parser straight to
+    the client's transport: no task, no coroutine, no buffer (issue 8). It answers exactly
+    as the task way (`relay.forward`) does; where it cannot go on (an upstream 401, a stale
+    pooled connection) it hands the request to the task way before anything is sent."""
+
+    def __init__(
+        self,
+        client: ClientConnection,
+        request: _Request,
+        path: str,
+        target: str,
+        token: str,
+        body: bytes | None,
+    ) -> None:
+        self._client = client
+        self._body = body  # kept: the task way sends it again after a 401
+        self._request = request
+        self._path = path
+        self._target = target
+        self._token = token
+        self._started = time.monotonic()
+        self._connection: PooledConnection | None = None
+        self._done = False
+        self.response = _Response(client, request)
+        self.timing = self.response.timing = UpstreamTiming()
+
+    def start(self, connection: PooledConnection) -> None:
+        self._connection = connection
+        frontend = self._client.frontend
+        frontend.lifecycle.enter(self)
+        frontend.metrics.in_flight.inc()
+
+    # -- ResponseSink ---------------------------------------------------------------------
+
+    def on_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None:
+        timing = self.timing
+        if status == 401 and self._client.frontend.token_source.may_renew(self._token):
+            # Azure refused the token: the task way renews it and sends the request again
+            # (its body is kept), exactly as for any request (relay.forward).
+            self._detach()
+            self._leave()
+            self._client.express_fallback(self, self._request, self._body, self._token)
+            return
+        timing.ttfb = time.monotonic() - self._started
+        forwarded = client_response_headers(headers)
+        ids = {n.lower(): v for n, v in forwarded if n.lower() in _REQUEST_IDS}
+        timing.request_id = ids.get("apim-request-id") or ids.get("x-request-id")
+        try:
+            self.response.head_now(status, reason, forwarded)
+        except ProxyError as exc:
+            timing.error_kind = exc.kind
+            self._detach()
+            self._fail_before_head(exc)
+        except ConnectionError:
+            self._detach()
+            self._cut("client_gone")
+
+    def on_body(self, data: bytes) -> None:
+        try:
+            self.response.body_now(data)
+        except ConnectionError:
+            self._detach()
+            self._cut("client_gone")
+
+    def on_end(self) -> None:
+        self._connection = None
+        try:
+            self.response.end_now()
+        except ConnectionError:
+            self._cut("client_gone")
+            return
+        self._finish(self.response.status, keep_alive=self.response.keep_alive)
+
+    def on_error(self, error: ProxyError, *, retry: bool) -> None:
+        self._connection = None
+        if retry and not self.response.started:
+            self._leave()
+            self._client.express_fallback(self, self._request, self._body, None)
+            return
+        self.timing.error_kind = error.kind
+        if not self.response.started:
+            self._fail_before_head(error)
+            return
+        relay_log.warning("upstream broke off mid-response, aborting the client: %s", error.message)
+        self.timing.aborted = f"upstream:{error.code}"
+        self.response.abort()
+        self._finish(self.response.status, keep_alive=False)
+
+    # -- the client side ----------------------------------------------------------------------
+
+    def client_paused(self) -> None:
+        if self._connection is not None:
+            self._connection.pause_for_client()
+
+    def client_resumed(self) -> None:
+        if self._connection is not None:
+            self._connection.resume_for_client()
+
+    def cancel(self) -> None:
+        """The client left, or the shutdown grace is over: cut both sides (499)."""
+        if not self._done:
+            self._detach()
+            self._cut("client_gone" if self._client.lost else None)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _detach(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            connection.close()  # not reused half-read
+
+    def _cut(self, reason: str | None) -> None:
+        if reason is not None:
+            self.timing.aborted = reason
+        self.response.abort()
+        self._finish(CLIENT_CLOSED_REQUEST, keep_alive=False)
+
+    def _fail_before_head(self, error: ProxyError) -> None:
+        self._client.log_error(self._request, error)
+        try:
+            self.response.error_now(error)
+        except ConnectionError:
+            self._cut("client_gone")
+            return
+        self._finish(error.status, keep_alive=self.response.keep_alive)
+
+    def _leave(self) -> None:
+        if not self._done:
+            self._done = True
+            frontend = self._client.frontend
+            frontend.metrics.in_flight.dec()
+            frontend.lifecycle.leave(self)
+
+    def _finish(self, status: int, *, keep_alive: bool) -> None:
+        if self._done:
+            return
+        self._leave()
+        frontend = self._client.frontend
+        seconds = time.monotonic() - self._started
+        frontend.metrics.observe(
+            self._request.method,
+            frontend.metrics.deployment(self._path),
+            str(status),
+            seconds,
+            streamed=self.response.event_stream,
+            timing=self.timing,
+        )
+        access_line(
+            frontend.access_log,
+            self._request.method,
+            self._target,
+            status,
+            bytes_in=self._request.body.received,
+            bytes_out=self.response.bytes_out,
+            seconds=seconds,
+            upstream=self.timing,
+        )
+        self._client.express_done(self, keep_alive=keep_alive)
 
 
 class _Response:
@@ -696,6 +1008,11 @@ class _Response:
         self._bodyless = False
 
     async def send_head(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        self.head_now(status, reason, headers)
+        await self._connection.drain()
+
+    def head_now(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
+        """Queue the head (see `ClientConnection.write`); BadGateway if it cannot be sent."""
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         sized = False
         for name, value in headers:
@@ -719,7 +1036,7 @@ class _Response:
                 self.keep_alive = False  # the body ends when the connection does
         self._finish_head(lines)
         self.status = status
-        await self._write("".join(lines).encode("latin-1"))
+        self.write_now("".join(lines).encode("latin-1"))
 
     def _finish_head(self, lines: list[str]) -> None:
         connection = self._connection
@@ -733,22 +1050,41 @@ class _Response:
         self.started = True
 
     async def send(self, chunk: bytes) -> None:
+        self.body_now(chunk)
+        await self._connection.drain()
+
+    def body_now(self, chunk: bytes) -> None:
         if self._bodyless or not chunk:
             return
         if self._chunked:
             chunk = b"%x\r\n%b\r\n" % (len(chunk), chunk)
-        await self._write(chunk)
+        self.write_now(chunk)
 
     async def end(self) -> None:
+        self.end_now()
+        await self._connection.drain()
+
+    def end_now(self) -> None:
         if self._chunked:
             self._chunked = False
-            await self._write(b"0\r\n\r\n")
+            self.write_now(b"0\r\n\r\n")
 
     def abort(self) -> None:
         self.keep_alive = False
         self._connection.abort()
 
     async def send_whole(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        *,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        self.whole_now(status, body, content_type, extra=extra)
+        await self._connection.drain()
+
+    def whole_now(
         self,
         status: int,
         body: bytes,
@@ -765,20 +1101,23 @@ class _Response:
         self._finish_head(lines)
         self.status = status
         head = "".join(lines).encode("latin-1")
-        await self._write(head if self._request.method == "HEAD" else head + body)
+        self.write_now(head if self._request.method == "HEAD" else head + body)
 
     async def send_error(self, error: ProxyError) -> None:
+        self.error_now(error)
+        await self._connection.drain()
+
+    def error_now(self, error: ProxyError) -> None:
         if error.closes_connection:
             self.keep_alive = False
-        await self.send_whole(error.status, error.error_body(), "application/json")
+        self.whole_now(error.status, error.error_body(), "application/json")
 
-    async def _write(self, data: bytes) -> None:
+    def write_now(self, data: bytes) -> None:
         connection = self._connection
         if connection.lost:
             raise ConnectionResetError("the client closed the connection")
         connection.write(data)
         self.bytes_out += len(data)
-        await connection.drain()
 
 
 def _error_bytes(error: ProxyError, *, close: bool) -> bytes:

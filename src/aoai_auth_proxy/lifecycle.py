@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+
+
+class Cancellable(Protocol):
+    """Something serving a request: a task, or an express exchange (http1.py)."""
+
+    def cancel(self) -> Any: ...
 
 
 class Lifecycle:
@@ -16,7 +22,7 @@ class Lifecycle:
 
     def __init__(self) -> None:
         self.draining = False
-        self._inflight: set[asyncio.Task[Any]] = set()
+        self._inflight: set[Cancellable] = set()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -39,12 +45,12 @@ class Lifecycle:
 
         return track
 
-    def enter(self, task: asyncio.Task[Any]) -> None:
+    def enter(self, task: Cancellable) -> None:
         """`task` serves a request from now on (cancelled if still running after the grace)."""
         self._inflight.add(task)
         self._idle.clear()
 
-    def leave(self, task: asyncio.Task[Any]) -> None:
+    def leave(self, task: Cancellable) -> None:
         self._inflight.discard(task)
         if not self._inflight:
             self._idle.set()

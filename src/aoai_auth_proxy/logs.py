@@ -147,6 +147,11 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # No record needs the process or thread: os.getpid() is a system call per log line.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    # Nor the caller's file and line, which logging finds by walking the stack for every
+    # record; the documented switch is this module attribute (logging/__init__.py).
+    logging._srcfile = None
     access_logger = logging.getLogger(ACCESS_LOGGER)
     access_logger.handlers[:] = [access]
     access_logger.propagate = False

@@ -196,14 +196,21 @@ async def forward(
     headers: Sequence[tuple[str, str]],
     body: AsyncIterable[bytes] | bytes | None,
     timing: UpstreamTiming,
+    rejected: str | None = None,
 ) -> None:
     """Forward one request and stream the answer to `downstream`.
 
     `headers` are the client's, as latin-1 text of their bytes; `body` is bytes when it was
     small enough to keep for a replay (PROXY_REPLAY_MAX_BYTES), else streamed, never buffered.
+    `rejected`: the upstream already answered this request 401 with that token (on the
+    express way, http1.py): renew first, and this is the one replay.
     """
     url = upstream_url(settings.api_base_url, raw_target)
     started = time.monotonic()
+    if rejected is not None and await token_source.renew(rejected):
+        timing.replayed = True
+    # (Not renewed after all, Entra failing just then: sent once more as it was, and the
+    # upstream's answer passes through, as it would have the first time.)
 
     def outbound(token: str) -> UpstreamRequest:
         forwarded = upstream_request_headers(headers, token=token, host=settings.upstream_host)
@@ -221,6 +228,7 @@ async def forward(
         # new token all the same.
         if (
             answer.status == 401
+            and rejected is None
             and await token_source.renew(token)
             and not isinstance(body, AsyncIterable)
         ):

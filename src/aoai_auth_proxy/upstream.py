@@ -24,10 +24,10 @@ import asyncio
 import collections
 import ssl
 import urllib.request
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import cast
+from typing import Protocol, cast
 
 import httptools
 
@@ -48,6 +48,7 @@ READ_LOW_WATER = 64 * 1024
 IDLE_SECONDS = 15.0
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,38 @@ class _Failure(Exception):
         self.before_response = before_response
 
 
-class _Connection(asyncio.Protocol):
-    """One upstream connection: parses responses, buffers a body within the water marks."""
+class ResponseSink(Protocol):
+    """Where an express exchange (PooledUpstream.express) delivers its response, from the
+    connection's own callbacks: no task, no future, no buffer between the two sockets."""
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_lost: Callable[[_Connection], None]
-    ) -> None:
-        self._loop = loop
-        self._on_lost = on_lost
+    def on_head(self, status: int, reason: str, headers: list[tuple[str, str]]) -> None: ...
+
+    def on_body(self, data: bytes) -> None: ...
+
+    def on_end(self) -> None:
+        """The response is complete (the connection is back in the pool or closed)."""
+        ...
+
+    def on_error(self, error: ProxyError, *, retry: bool) -> None:
+        """The exchange failed (the connection is closed). `retry`: it failed on a reused
+        connection before any response byte and its method is idempotent (see the module
+        docstring), so it may be sent again on a new connection."""
+        ...
+
+
+class PooledConnection(asyncio.Protocol):
+    """One upstream connection: parses responses, buffers a body within the water marks,
+    or hands it straight to a ResponseSink."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: PooledUpstream, origin: str) -> None:
+        self.loop = self._loop = loop
+        self._pool = pool
+        self.origin = origin
+        self.sink: ResponseSink | None = None
+        self._method = ""
+        self._timer: asyncio.TimerHandle | None = None
+        self._timeout = 0.0
+        self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self.closed = False
@@ -135,6 +160,8 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
+        if self._timer is not None:
+            self._last_data = self._loop.time()
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -159,8 +186,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._on_lost(self)
-        if not self.complete and self._head is not None:
+        self._pool.forget(self)
+        if not self.complete and (self._head is not None or self.sink is not None):
             message = str(exc) if exc is not None else "the upstream closed the connection"
             self._fail(message, kind="reset")
         if self._can_write is not None and not self._can_write.done():
@@ -182,7 +209,23 @@ class _Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.status:
             return  # a trailer field: never turned into a header (RFC 9110 6.5.1)
-        self._header_bytes += len(name) + len(value) + 4
+        size = len(name) + len(value)
+        self._header_bytes += size + 4
+        if size > MAX_FIELD_BYTES or self._header_bytes > MAX_HEAD_BYTES:
+            self._too_large(name, value)
+        headers = self.headers
+        if len(headers) >= MAX_HEADER_FIELDS:
+            raise _Failure(
+                f"Too many headers (more than {MAX_HEADER_FIELDS})",
+                kind="protocol",
+                before_response=False,
+            )
+        if len(name) in (14, 17) and name.lower() in _FRAMING:
+            self._framed = True  # Content-Length or Transfer-Encoding
+        # latin-1: one character per byte, so the client gets exactly these bytes
+        headers.append((name.decode("latin-1"), value.decode("latin-1")))
+
+    def _too_large(self, name: bytes, value: bytes) -> None:
         if self._header_bytes > MAX_HEAD_BYTES:
             raise _Failure(
                 f"Got more than {MAX_HEAD_BYTES} bytes of response headers",
@@ -195,14 +238,6 @@ class _Connection(asyncio.Protocol):
                 kind="protocol",
                 before_response=False,
             )
-        if len(self.headers) >= MAX_HEADER_FIELDS:
-            raise _Failure(
-                f"Too many headers (more than {MAX_HEADER_FIELDS})",
-                kind="protocol",
-                before_response=False,
-            )
-        # latin-1: one character per byte, so the client gets exactly these bytes
-        self.headers.append((name.decode("latin-1"), value.decode("latin-1")))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
@@ -211,13 +246,15 @@ class _Connection(asyncio.Protocol):
             # final response follows on the same connection (RFC 9110 15.2).
             self.headers = []
             self.reason = ""
+            self._framed = False
             return
         self.status = status
-        chunked = any(n.lower() == "transfer-encoding" for n, _ in self.headers)
-        sized = any(n.lower() == "content-length" for n, _ in self.headers)
-        self._framed = chunked or sized or status in _NO_BODY_STATUSES
+        if status in _NO_BODY_STATUSES:
+            self._framed = True
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
+        if self.sink is not None:
+            self.sink.on_head(status, self.reason, self.headers)
         if self.head_request:
             # llhttp cannot be told that this answers a HEAD; it would wait for the body the
             # Content-Length announces. The response ends with its head; the connection is
@@ -226,6 +263,9 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
+            return
+        if self.sink is not None:
+            self.sink.on_body(body)
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -240,15 +280,16 @@ class _Connection(asyncio.Protocol):
 
     # -- for the pool and the response ------------------------------------------------------
 
-    def begin(self, head_request: bool) -> None:
+    def begin(self, method: str, *, express: bool = False) -> None:
         """Reset the per-response state before a request goes out on this connection."""
-        self.head_request = head_request
+        self._method = method
+        self.head_request = method == "HEAD"
         self.status = 0
         self.reason = ""
         self.headers = []
         self._raw_head_bytes = 0
         self._header_bytes = 0
-        self._head = self._loop.create_future()
+        self._head = None if express else self._loop.create_future()
         self._chunks.clear()
         self._buffered = 0
         self.complete = False
@@ -301,8 +342,37 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closed = True
+        self.sink = None
+        self._stop_timer()
         if self.transport is not None:
             self.transport.abort()
+
+    def start_timer(self, seconds: float) -> None:
+        """The idle read timeout of an express exchange: no byte for `seconds` fails it."""
+        self._timeout = seconds
+        self._last_data = self._loop.time()
+        self._timer = self._loop.call_later(seconds, self._check_idle)
+
+    def pause_for_client(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_for_client(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _check_idle(self) -> None:
+        idle = self._loop.time() - self._last_data
+        if idle >= self._timeout:
+            self._timer = None
+            self._fail("did not answer in time", kind="timeout")
+        else:
+            self._timer = self._loop.call_later(self._timeout - idle, self._check_idle)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- internals --------------------------------------------------------------------------
 
@@ -310,6 +380,15 @@ class _Connection(asyncio.Protocol):
         self.complete = True
         self.keep_alive = keep_alive
         self._wake()
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            self._stop_timer()
+            if keep_alive:
+                self._pool.release(self.origin, self)
+            else:
+                self.close()
+            sink.on_end()
 
     def _fail(self, message: str, *, kind: str = "protocol") -> None:
         if self._error is None:
@@ -317,9 +396,16 @@ class _Connection(asyncio.Protocol):
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
         self._wake()
+        sink, failure = self.sink, self._error
         if self.transport is not None and not self.closed:
-            self.closed = True
-            self.transport.abort()
+            self.close()
+        if sink is not None:
+            self.sink = None
+            retry = self.reused and _may_resend(failure, self._method)
+            error = _head_error(failure, self.origin)
+            if self.status:
+                error = _mid_body_error(failure, self.origin)
+            sink.on_error(error, retry=retry)
 
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
         self._fail("did not answer in time", kind="timeout")
@@ -335,7 +421,7 @@ class _Connection(asyncio.Protocol):
 class _Response:
     """The seam's UpstreamResponse over one pooled connection."""
 
-    def __init__(self, connection: _Connection, origin: str, read_timeout: float) -> None:
+    def __init__(self, connection: PooledConnection, origin: str, read_timeout: float) -> None:
         self._connection = connection
         self._origin = origin
         self._read_timeout = read_timeout
@@ -362,7 +448,7 @@ class _Exchange:
     def __init__(self, pool: PooledUpstream, request: UpstreamRequest) -> None:
         self._pool = pool
         self._request = request
-        self._connection: _Connection | None = None
+        self._connection: PooledConnection | None = None
 
     async def __aenter__(self) -> _Response:
         pool, request = self._pool, self._request
@@ -380,9 +466,7 @@ class _Exchange:
                 retry = (
                     attempt == 1
                     and connection.reused
-                    and failure.before_response
-                    and failure.kind == "reset"
-                    and request.method in IDEMPOTENT
+                    and _may_resend(failure, request.method)
                     and not isinstance(body, AsyncIterable)
                 )
                 if not retry:
@@ -410,14 +494,13 @@ class _Exchange:
             connection.close()
 
 
-async def _send(
-    connection: _Connection,
+def request_head(
     method: str,
     target: str,
     headers: Sequence[tuple[str, str]],
     body: AsyncIterable[bytes] | bytes | None,
-) -> None:
-    connection.begin(head_request=method == "HEAD")
+) -> tuple[bytes, bool]:
+    """The request's head as written upstream, and whether its body goes chunked."""
     lines = [f"{method} {target} HTTP/1.1\r\n"]
     sized = False
     for name, value in headers:
@@ -432,7 +515,18 @@ async def _send(
     lines.append("\r\n")
     # Header values are latin-1 text of the bytes the client sent (see relay.relay), so
     # this restores those bytes exactly.
-    head = "".join(lines).encode("latin-1")
+    return "".join(lines).encode("latin-1"), chunked
+
+
+async def _send(
+    connection: PooledConnection,
+    method: str,
+    target: str,
+    headers: Sequence[tuple[str, str]],
+    body: AsyncIterable[bytes] | bytes | None,
+) -> None:
+    connection.begin(method)
+    head, chunked = request_head(method, target, headers, body)
     if body is None or isinstance(body, bytes):
         await connection.write(head + body if body else head)
         return
@@ -443,6 +537,12 @@ async def _send(
         await connection.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
     if chunked:
         await connection.write(b"0\r\n\r\n")
+
+
+def _may_resend(failure: _Failure, method: str) -> bool:
+    """A reused connection that failed this way had been closed by the upstream as the
+    request went out (RFC 9112 9.3.1); only an idempotent request may go again."""
+    return failure.before_response and failure.kind == "reset" and method in IDEMPOTENT
 
 
 def _head_error(failure: _Failure, origin: str) -> ProxyError:
@@ -474,8 +574,8 @@ class PooledUpstream:
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self._idle_seconds = idle_seconds
-        self._idle: dict[str, list[_Connection]] = {}
-        self._all: set[_Connection] = set()
+        self._idle: dict[str, list[PooledConnection]] = {}
+        self._all: set[PooledConnection] = set()
 
     async def start(self) -> None:
         return None
@@ -489,10 +589,15 @@ class PooledUpstream:
     def open(self, request: UpstreamRequest) -> _Exchange:
         return _Exchange(self, request)
 
-    async def acquire(self, origin: str) -> _Connection:
+    async def acquire(self, origin: str) -> PooledConnection:
+        return self._idle_connection(origin) or await self._connect(origin)
+
+    def _idle_connection(self, origin: str) -> PooledConnection | None:
         idle = self._idle.get(origin)
         if idle:
-            now = asyncio.get_running_loop().time()
+            # The connection's own loop: asyncio.get_running_loop() costs a getpid() system
+            # call per call on Python 3.11.
+            now = idle[-1].loop.time()
             while idle:
                 connection = idle.pop()
                 if connection.closed or now - connection.idle_since > self._idle_seconds:
@@ -500,27 +605,52 @@ class PooledUpstream:
                     continue
                 connection.reused = True
                 return connection
-        return await self._connect(origin)
+        return None
 
-    def release(self, origin: str, connection: _Connection) -> None:
+    def express(
+        self,
+        method: str,
+        url: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | None,
+        sink: ResponseSink,
+    ) -> PooledConnection | None:
+        """Send a request whose body is whole on an idle pooled connection, now, and have
+        its response delivered to `sink`; None when no connection is idle (use open())."""
+        origin, target = split_url(url)
+        connection = self._idle_connection(origin)
+        if connection is None:
+            return None
+        assert connection.transport is not None
+        connection.begin(method, express=True)
+        connection.sink = sink
+        head, _ = request_head(method, target, headers, body)
+        connection.transport.write(head + body if body else head)
+        connection.start_timer(self.read_timeout)
+        return connection
+
+    def forget(self, connection: PooledConnection) -> None:
+        self._all.discard(connection)
+
+    def release(self, origin: str, connection: PooledConnection) -> None:
         if connection.closed:
             self._drop(connection)
             return
-        connection.idle_since = asyncio.get_running_loop().time()
+        connection.idle_since = connection.loop.time()
         self._idle.setdefault(origin, []).append(connection)
 
-    def _drop(self, connection: _Connection) -> None:
+    def _drop(self, connection: PooledConnection) -> None:
         connection.close()
         self._all.discard(connection)
 
-    async def _connect(self, origin: str) -> _Connection:
+    async def _connect(self, origin: str) -> PooledConnection:
         where = Origin.of(origin)
         loop = asyncio.get_running_loop()
         tls = where.scheme == "https"
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, self._all.discard),
+                    lambda: PooledConnection(loop, self, origin),
                     where.host,
                     where.port,
                     ssl=self._ssl_context if tls else None,
