@@ -1,4 +1,4 @@
-"""Child processes of the bench (upstream, proxy, load), CPU pinning, and stopping them all."""
+"""Child processes of the bench (upstreams, relays, load), CPU pinning, and stopping them all."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,36 +28,33 @@ READY_TIMEOUT_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class Pinning:
-    """`taskset` prefixes: the proxy alone on one core; load, upstream and driver on another."""
+    """`taskset` prefixes: the relay under test (proxy or nginx) alone on one core; load,
+    upstreams and driver on another; `anywhere` undoes the driver's own pinning for a child."""
 
     proxy: tuple[str, ...]
     load: tuple[str, ...]
+    anywhere: tuple[str, ...]
     description: str
-
-
-@dataclass(frozen=True)
-class Stack:
-    """What is running: the two base URLs under test and the processes behind them."""
-
-    direct_url: str
-    proxy_url: str
-    proxy: subprocess.Popen[bytes]
-    upstream: subprocess.Popen[bytes]
-    pinning: Pinning
+    proxy_cpu: int | None = None
+    load_cpu: int | None = None
 
 
 def cpu_pinning() -> Pinning:
     cpus = sorted(os.sched_getaffinity(0))
     taskset = shutil.which("taskset")
     if taskset is None or len(cpus) < 2:
-        return Pinning((), (), f"no CPU pinning ({len(cpus)} CPUs usable, taskset={taskset})")
+        return Pinning((), (), (), f"no CPU pinning ({len(cpus)} CPUs usable, taskset={taskset})")
     proxy_cpu, load_cpu = cpus[0], cpus[1]
     os.sched_setaffinity(0, {load_cpu})  # the driver (Entra stand-in, stream clients) too
     return Pinning(
         (taskset, "-c", str(proxy_cpu)),
         (taskset, "-c", str(load_cpu)),
-        f"proxy pinned to CPU {proxy_cpu}; wrk, the upstream, the latency client and this "
-        f"driver pinned to CPU {load_cpu} (the same placement for direct and proxy runs)",
+        (taskset, "-c", ",".join(map(str, cpus))),
+        f"relay under test (proxy or nginx) pinned to CPU {proxy_cpu}; wrk, the upstreams, the "
+        f"latency and SSE clients and this driver pinned to CPU {load_cpu} (the same placement "
+        "for direct, nginx and proxy runs)",
+        proxy_cpu,
+        load_cpu,
     )
 
 
@@ -126,6 +123,19 @@ class Processes:
             self._async.remove(process)
         return process.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace")
 
+    def stop(self, process: subprocess.Popen[bytes]) -> None:
+        """SIGTERM one child's group, SIGKILL it after STOP_GRACE_SECONDS."""
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE_SECONDS)
+            except subprocess.TimeoutExpired:
+                _kill_group(process.pid, None)
+                process.wait()
+        if process in self._popen:
+            self._popen.remove(process)
+
     def stop_all(self) -> None:
         """SIGTERM every group, wait up to STOP_GRACE_SECONDS in total, then SIGKILL."""
         for child in self._async:
@@ -180,13 +190,77 @@ async def wait_healthy(
             await asyncio.sleep(0.05)
 
 
+def _tree(pid: int) -> list[psutil.Process]:
+    """A process and its descendants (the proxy's workers, if it forks any)."""
+    process = psutil.Process(pid)
+    try:
+        return [process, *process.children(recursive=True)]
+    except psutil.Error:
+        return [process]
+
+
 def rss_mb(pid: int) -> float:
-    return psutil.Process(pid).memory_info().rss / 2**20
+    """RSS of a process and its descendants, MB."""
+    total = 0
+    for process in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            total += process.memory_info().rss
+    return total / 2**20
 
 
 def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
+    """CPU time of a process and its live descendants, seconds."""
+    total = 0.0
+    for process in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def set_affinity(pid: int, cpu: int | None) -> None:
+    """Move a process and its descendants to one CPU (None: leave them where they are)."""
+    if cpu is None:
+        return
+    for process in _tree(pid):
+        with contextlib.suppress(psutil.Error):
+            process.cpu_affinity([cpu])
+
+
+def process_count(pid: int) -> int:
+    return len(_tree(pid))
+
+
+def cpu_busy_seconds(cpu: int | None) -> float:
+    """Busy time of one CPU (the whole machine's if None), seconds."""
+    times = psutil.cpu_times(percpu=True)[cpu] if cpu is not None else psutil.cpu_times()
+    return times.user + times.nice + times.system + times.irq + times.softirq
+
+
+async def quiet_cpu(cpu: int | None, *, below_percent: float = 10.0, within: float = 3.0) -> float:
+    """Wait (at most `within` s) until `cpu` is busy less than `below_percent` of a 50 ms window,
+    so that a run does not start while a relay still works off the previous one. Returns the
+    seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < within:
+        before, at = cpu_busy_seconds(cpu), time.monotonic()
+        await asyncio.sleep(0.05)
+        if 100 * (cpu_busy_seconds(cpu) - before) / (time.monotonic() - at) < below_percent:
+            break
+    return time.monotonic() - started
+
+
+async def wait_accepting(port: int, process: subprocess.Popen[bytes]) -> None:
+    """Until 127.0.0.1:`port` accepts a connection; fails fast if `process` exits."""
+    async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"child exited with {process.returncode} before it listened")
+            with socket.socket() as sock:
+                sock.settimeout(0.2)
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    return
+            await asyncio.sleep(0.05)
 
 
 class PeakRss:
@@ -213,6 +287,67 @@ class PeakRss:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.peak_mb = max(self.peak_mb, rss_mb(self._pid))
+
+
+@dataclass(frozen=True)
+class Route:
+    """One way to an upstream: `direct`, `nginx` or `proxy`, its base URL, and the process that
+    relays it (its pid, None for direct)."""
+
+    name: str
+    url: str
+    relay_pid: int | None
+
+
+@dataclass(frozen=True)
+class Stack:
+    """What is running. `routes[transport][name]`: transport `http` and `tls` reach the static
+    upstream (nginx) over HTTP and HTTPS, `streams` the aiohttp upstream (SSE, uploads)."""
+
+    pinning: Pinning
+    routes: Mapping[str, Mapping[str, Route]]
+    upstream_pid: int  # the static upstream nginx (master; its worker is in its tree)
+    streams_upstream_pid: int
+    nginx_pid: int  # the relay nginx (master)
+    ca_file: Path
+    pids: tuple[int, ...]  # every long-running child, for the noise gauge
+
+    @property
+    def streams_upstream_url(self) -> str:
+        return self.routes["streams"]["direct"].url
+
+
+class LogKeeper:
+    """Keeps a busy log file small: between runs, counts and drops its access lines (those
+    `is_access` says are), keeps every other line in memory, and empties the file.
+
+    The writer must append (O_APPEND), as a child given an "ab" file and nginx's logs do, so
+    that after the truncation its next line lands at the start of the file, not after a hole.
+    """
+
+    def __init__(
+        self, path: Path, is_access: Callable[[str], bool], max_kept: int = 20_000
+    ) -> None:
+        self.path = path
+        self._is_access = is_access
+        self._max_kept = max_kept
+        self.access_lines = 0
+        self.kept: list[str] = []
+        self.dropped = 0  # other lines past `max_kept` (a proxy logging a traceback per request)
+
+    def collect(self) -> None:
+        if not self.path.exists():
+            return
+        with self.path.open("r+", errors="replace") as file:
+            text = file.read()
+            file.truncate(0)
+        for line in text.splitlines():
+            if self._is_access(line):
+                self.access_lines += 1
+            elif len(self.kept) < self._max_kept:
+                self.kept.append(line)
+            else:
+                self.dropped += 1
 
 
 @dataclass(frozen=True)

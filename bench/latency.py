@@ -1,9 +1,10 @@
 """Sequential keep-alive latency client: one connection per URL, requests alternate between URLs.
 
-    python bench/latency.py --count 2000 --warmup 200 http://127.0.0.1:A http://127.0.0.1:B
+    python bench/latency.py --count 2000 --warmup 200 [--ca CA.pem] http://127.0.0.1:A https://...
 
 Prints one JSON object: for each URL, count, errors, statuses and p50/p90/p99/mean/max in us.
-Alternating request by request means every target sees the same machine noise.
+Alternating request by request means every target sees the same machine noise. An https URL is
+verified against `--ca` (the bench's test CA).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import http.client
 import json
 import math
+import ssl
 import time
 from collections import Counter
 from urllib.parse import urlsplit
@@ -28,10 +30,15 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
 class Target:
     """One keep-alive connection to one base URL, and what it measured."""
 
-    def __init__(self, base_url: str) -> None:
+    def __init__(self, base_url: str, context: ssl.SSLContext | None) -> None:
         parts = urlsplit(base_url)
         self.base_url = base_url
-        self._connection = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port)
+        host = parts.hostname or "127.0.0.1"
+        self._connection = (
+            http.client.HTTPSConnection(host, parts.port, context=context)
+            if parts.scheme == "https"
+            else http.client.HTTPConnection(host, parts.port)
+        )
         self._headers = dict(HEADERS)
         self.samples_us: list[float] = []
         self.statuses: Counter[int] = Counter()
@@ -76,9 +83,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--count", type=int, default=2000, help="measured requests per URL")
     parser.add_argument("--warmup", type=int, default=200, help="unmeasured requests per URL")
+    parser.add_argument("--ca", help="CA file that https URLs are verified against")
     parser.add_argument("urls", nargs="+")
     args = parser.parse_args()
-    targets = [Target(url) for url in args.urls]
+    context = ssl.create_default_context(cafile=args.ca) if args.ca else None
+    targets = [Target(url, context) for url in args.urls]
     for index in range(args.warmup + args.count):
         for target in targets:
             target.request(record=index >= args.warmup)

@@ -1,4 +1,5 @@
-"""Load generators: wrk for throughput, the latency client, and many held-open SSE streams."""
+"""Load generators: wrk for throughput, the latency and timed-SSE clients, and many held-open
+SSE streams."""
 
 from __future__ import annotations
 
@@ -105,14 +106,37 @@ async def run_latency(
     *,
     count: int,
     warmup: int,
+    ca_file: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Sequential requests over one keep-alive connection per URL, alternating URLs."""
     argv = [*pin, PYTHON, str(BENCH_DIR / "latency.py"), f"--count={count}"]
-    argv += [f"--warmup={warmup}", *base_urls]
+    argv += [f"--warmup={warmup}", *([f"--ca={ca_file}"] if ca_file else []), *base_urls]
     async with asyncio.timeout(120):
         status, out, err = await processes.run(argv)
     if status != 0:
         raise RuntimeError(f"latency client exited with {status}: {err}")
+    result: list[dict[str, Any]] = json.loads(out)
+    return result
+
+
+async def run_sse(
+    processes: Processes,
+    pin: Sequence[str],
+    base_urls: Sequence[str],
+    *,
+    streams: int,
+    events: int,
+    interval_ms: float,
+) -> list[dict[str, Any]]:
+    """Timed SSE streams, one keep-alive connection per URL, the URLs taking turns."""
+    argv = [*pin, PYTHON, str(BENCH_DIR / "sse.py"), f"--streams={streams}"]
+    argv += [f"--events={events}", f"--interval-ms={interval_ms}", *base_urls]
+    # Each stream lasts about events x interval; allow for three targets, warm-up and slack.
+    bound = 60 + 4 * len(base_urls) * (streams + 2) * events * interval_ms / 1000
+    async with asyncio.timeout(bound):
+        status, out, err = await processes.run(argv)
+    if status != 0:
+        raise RuntimeError(f"SSE client exited with {status}: {err}")
     result: list[dict[str, Any]] = json.loads(out)
     return result
 

@@ -1,12 +1,18 @@
-"""A minimal, fast plain-HTTP Azure OpenAI stand-in for benchmarks: it never checks the token.
+"""A plain-HTTP Azure OpenAI stand-in for the bench's streams and uploads: it never checks the
+token, it only counts what credentials arrived (the throughput upstream is nginx, bench/nginx.py).
 
     python bench/upstream.py [--port 0]
 
 Prints `listening on PORT` once ready. Routes:
 - `POST /openai/deployments/{d}/chat/completions` -> 200 with a fixed ~600-byte chat completion;
-  with `"stream": true` in the body, one SSE event, then the stream stays open until released.
+  with `"stream": true` in the body, one SSE event, then the stream stays open until released;
+  with `"bench_events": N, "bench_interval_ms": I` too, N events I ms apart, each carrying
+  `"t": <CLOCK_MONOTONIC ns when written>`, then `[DONE]` (the bench's timed SSE streams).
+- `POST /openai/files` reads the body to its end, keeps none of it, answers `{"bytes": N}`.
 - `POST /bench/release` ends every open stream (`data: [DONE]`) and answers how many it ended.
-- `GET /bench/stats` -> `{"open": N, "opened": N, "completed": N}` streams.
+- `GET /bench/stats` -> `{"open": N, "opened": N, "completed": N}` streams, and the credentials
+  seen: `authorization_bytes` (length of each `Authorization` value seen -> count), `api_key`
+  (requests that carried a token and still the client's `api-key`: a relay that did not strip it).
 """
 
 from __future__ import annotations
@@ -16,11 +22,15 @@ import asyncio
 import contextlib
 import json
 import socket
+import time
+from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
 
 COMPLETION_PATH = "/openai/deployments/{deployment}/chat/completions"
+UPLOAD_PATH = "/openai/files"
 # An open stream ends by itself after this many seconds even if never released.
 MAX_HOLD_SECONDS = 180.0
 _LISTEN_BACKLOG = 2048
@@ -71,6 +81,13 @@ LAST_EVENTS = (
     b'"model":"gpt-4o","choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
     b"data: [DONE]\n\n"
 )
+# A timed event: a real chunk's shape, with its write time in `t` (time.monotonic_ns()).
+TIMED_EVENT = (
+    'data: {{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1732800000,'
+    '"model":"gpt-4o","choices":[{{"index":0,"delta":{{"content":" token"}},'
+    '"finish_reason":null}}],"t":{t}}}\n\n'
+)
+MAX_TIMED_EVENTS = 10_000
 
 
 @dataclass
@@ -81,25 +98,44 @@ class Streams:
     open: int = 0
     opened: int = 0
     completed: int = 0
+    authorization_bytes: Counter[int] = field(default_factory=Counter)
+    api_key: int = 0
 
 
 STREAMS = web.AppKey("streams", Streams)
 
 
-def _wants_stream(body: bytes) -> bool:
-    # Cheap test first: the throughput path must not pay for a JSON parse.
-    if b'"stream"' not in body:
-        return False
+def _stream_request(body: bytes) -> dict[str, Any] | None:
+    """The request's JSON if it asks for a stream, else None."""
+    if b'"stream"' not in body:  # cheap test first: most requests need no JSON parse
+        return None
     try:
-        return json.loads(body).get("stream") is True
-    except (ValueError, AttributeError):
-        return False
+        request = json.loads(body)
+    except ValueError:
+        return None
+    return request if isinstance(request, dict) and request.get("stream") is True else None
+
+
+def _count_credentials(request: web.Request) -> None:
+    streams = request.app[STREAMS]
+    authorization = request.headers.getall("Authorization", [])
+    for value in authorization:
+        streams.authorization_bytes[len(value)] += 1
+    if (
+        authorization and "api-key" in request.headers
+    ):  # relayed, yet the client's key is still there
+        streams.api_key += 1
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
+    _count_credentials(request)
     body = await request.read()
-    if not _wants_stream(body):
+    stream = _stream_request(body)
+    if stream is None:
         return web.Response(body=COMPLETION_BODY, content_type="application/json")
+    if "bench_events" in stream:
+        events = min(MAX_TIMED_EVENTS, max(1, int(stream["bench_events"])))
+        return await _timed_stream(request, events, float(stream["bench_interval_ms"]) / 1000)
     streams = request.app[STREAMS]
     release = streams.release
     response = web.StreamResponse(
@@ -120,6 +156,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def _timed_stream(request: web.Request, events: int, interval: float) -> web.StreamResponse:
+    """`events` chunks `interval` s apart, each stamped with the monotonic time it was written."""
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+    )
+    await response.prepare(request)
+    for index in range(events):
+        if index:
+            await asyncio.sleep(interval)
+        await response.write(TIMED_EVENT.format(t=time.monotonic_ns()).encode())
+    await response.write(LAST_EVENTS)
+    await response.write_eof()
+    return response
+
+
+async def upload(request: web.Request) -> web.Response:
+    """Read an upload to its end, chunk by chunk, keeping none of it."""
+    _count_credentials(request)
+    received = 0
+    async for chunk in request.content.iter_any():
+        received += len(chunk)
+    return web.json_response({"bytes": received})
+
+
 async def release_streams(request: web.Request) -> web.Response:
     streams = request.app[STREAMS]
     held = streams.open
@@ -131,7 +191,15 @@ async def release_streams(request: web.Request) -> web.Response:
 async def stats(request: web.Request) -> web.Response:
     streams = request.app[STREAMS]
     return web.json_response(
-        {"open": streams.open, "opened": streams.opened, "completed": streams.completed}
+        {
+            "open": streams.open,
+            "opened": streams.opened,
+            "completed": streams.completed,
+            "authorization_bytes": {
+                str(k): v for k, v in sorted(streams.authorization_bytes.items())
+            },
+            "api_key": streams.api_key,
+        }
     )
 
 
@@ -139,6 +207,7 @@ def create_app() -> web.Application:
     app = web.Application()
     app[STREAMS] = Streams()
     app.router.add_post(COMPLETION_PATH, chat_completions)
+    app.router.add_post(UPLOAD_PATH, upload)
     app.router.add_post("/bench/release", release_streams)
     app.router.add_get("/bench/stats", stats)
     return app
