@@ -5,6 +5,12 @@ and a StreamResponse, about half the proxy's CPU once the upstream client was ra
 This server does what a relay needs and no more, with the same rules in the same modules:
 `inbound` (framing, Host, key), `health`, `metrics`, `logs`, `relay.forward`.
 
+Two ways through: a request whose body is whole (small enough to keep for a 401 replay) takes
+the express lane (`_Express`): from this parser's callback to an idle pooled upstream
+connection and back from that connection's parser callbacks, with no task, coroutine or
+buffer. Everything else (streamed bodies, probes, errors, a 401 to replay, no idle upstream
+connection) is served by a task running `relay.forward`.
+
 What it does not do itself, it hands over: an upgrade request (WebSocket, and CONNECT, which
 llhttp also reports as an upgrade) goes to aiohttp's server with the connection, where
 `websocket.py` serves it. The request head is rebuilt from what llhttp parsed and replayed,

@@ -1,8 +1,11 @@
-"""The streaming relay: sends a request upstream and streams the answer back, chunk by chunk.
+"""The streaming relay (the task way): sends a request upstream and streams the answer back.
 
-Two seams live here. `Upstream` is the outbound HTTP client (today a pooled aiohttp session);
-`relay` wires the pure rules of `forwarding` to it. Behaviour is tested at the socket,
-so either side can be replaced by a faster implementation without touching the tests.
+Two seams live here. `Upstream` is the outbound HTTP client (`upstream.PooledUpstream`, or the
+aiohttp client `AiohttpUpstream` where HTTPS_PROXY carries the traffic); `Downstream` is the
+client's connection (`http1.py`'s, or aiohttp's after a WebSocket hand-over). `forward` wires
+the pure rules of `forwarding` between them. Behaviour is tested at the socket, so any side can
+be replaced without touching the tests. Requests whose body is whole usually skip this module:
+`http1._Express` relays them by callbacks, by the same rules.
 """
 
 from __future__ import annotations
