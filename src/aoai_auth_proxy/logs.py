@@ -20,6 +20,7 @@ from aiohttp.typedefs import Handler
 from .forwarding import redact_target
 
 ACCESS_LOGGER = "aoai_auth_proxy.access"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass
@@ -88,8 +89,13 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
     write per 64 KiB or per second instead of one per request. Flushed at exit
     (logging.shutdown), so a stopped proxy's log is complete; other lines are not delayed."""
 
-    def __init__(self, *, max_bytes: int = 64 * 1024, interval: float = 1.0) -> None:
+    def __init__(
+        self, *, json_lines: bool = False, max_bytes: int = 64 * 1024, interval: float = 1.0
+    ) -> None:
         super().__init__(sys.stderr)
+        self.json_lines = json_lines
+        self._second = -1
+        self._stamp = ""
         self._lines: list[str] = []
         self._size = 0
         self._max_bytes = max_bytes
@@ -105,6 +111,33 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        with self.lock or contextlib.nullcontext():
+            self._lines.append(line)
+            self._size += len(line)
+            if self._size >= self._max_bytes:
+                self._write()
+
+    def access(self, message: str, fields: dict[str, Any]) -> None:
+        """One access line, formatted here as the configured formatter would format its
+        record (TEXT_FORMAT or JsonFormatter) without building a LogRecord: logging's record,
+        caller lookup and formatter cost more than the rest of a relayed request."""
+        now = time.time()
+        second = int(now)
+        millis = int((now - second) * 1000)
+        if self.json_lines:
+            entry: dict[str, Any] = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{millis:03d}Z",
+                "level": "info",
+                "logger": ACCESS_LOGGER,
+                "message": message,
+            }
+            entry.update(fields)
+            line = json.dumps(entry, separators=(",", ":")) + "\n"
+        else:
+            if second != self._second:
+                self._second = second
+                self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            line = f"{self._stamp},{millis:03d} INFO {ACCESS_LOGGER}: {message}\n"
         with self.lock or contextlib.nullcontext():
             self._lines.append(line)
             self._size += len(line)
@@ -136,12 +169,8 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     """One handler on stderr for the whole process, text or JSON lines; access lines are
     buffered (BufferedAccessHandler)."""
     handler = logging.StreamHandler(sys.stderr)
-    access = BufferedAccessHandler()
-    formatter = (
-        JsonFormatter()
-        if fmt == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
+    access = BufferedAccessHandler(json_lines=fmt == "json")
+    formatter = JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     access.setFormatter(formatter)
     root = logging.getLogger()
@@ -274,4 +303,13 @@ def access_line(
         text += f" frames_in={session.frames_in} frames_out={session.frames_out}"
         if session.close_code is not None:
             text += f" close_code={session.close_code}"
+    handlers = logger.handlers
+    if (
+        len(handlers) == 1
+        and type(handlers[0]) is BufferedAccessHandler
+        and not logger.filters
+        and not handlers[0].filters
+    ):
+        handlers[0].access(f"{method} {path} {text}", fields)  # as configure_logging set it up
+        return
     logger.info("%s %s %s", method, path, text, extra={"access": fields})

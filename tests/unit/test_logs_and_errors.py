@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -9,7 +10,14 @@ import aiohttp
 import pytest
 
 from aoai_auth_proxy.errors import BadGateway, BadRequest, GatewayTimeout, NoValidToken
-from aoai_auth_proxy.logs import JsonFormatter
+from aoai_auth_proxy.logs import (
+    ACCESS_LOGGER,
+    TEXT_FORMAT,
+    BufferedAccessHandler,
+    JsonFormatter,
+    UpstreamTiming,
+    access_line,
+)
 from aoai_auth_proxy.relay import upstream_error
 
 
@@ -50,3 +58,55 @@ def test_json_log_lines_have_fixed_keys_and_the_access_fields() -> None:
     assert line["message"] == "GET /x"
     assert line["status"] == 200
     assert line["time"].endswith("Z")
+
+
+def _access_lines(handler: logging.Handler, logger_name: str) -> list[str]:
+    """One access line written through `handler`, as `access_line` writes it."""
+    stream = io.StringIO()
+    handler.setStream(stream)  # type: ignore[attr-defined]
+    logger = logging.getLogger(logger_name)
+    logger.handlers[:] = [handler]
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    timing = UpstreamTiming(ttfb=0.0123, request_id="req-1", replayed=True)
+    access_line(
+        logger,
+        "POST",
+        "/openai/deployments/d/chat/completions?api-version=1&api-key=secret",
+        200,
+        bytes_in=12,
+        bytes_out=345,
+        seconds=0.0456,
+        upstream=timing,
+    )
+    handler.flush()
+    return stream.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("json_lines", [False, True], ids=["text", "json"])
+def test_the_buffered_access_line_reads_exactly_as_the_logging_formatter_writes_it(
+    json_lines: bool,
+) -> None:
+    formatter = JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT)
+    fast = BufferedAccessHandler(json_lines=json_lines)
+    fast.setFormatter(formatter)
+    slow = logging.StreamHandler()
+    slow.setFormatter(formatter)
+    try:
+        (fast_line,) = _access_lines(fast, ACCESS_LOGGER)
+    finally:
+        fast.close()
+        logging.getLogger(ACCESS_LOGGER).handlers[:] = []
+    (slow_line,) = _access_lines(slow, ACCESS_LOGGER)
+    logging.getLogger(ACCESS_LOGGER).handlers[:] = []
+    assert "secret" not in fast_line
+    if json_lines:
+        fast_entry, slow_entry = json.loads(fast_line), json.loads(slow_line)
+        assert fast_entry.pop("time")[:17] == slow_entry.pop("time")[:17]  # to the minute
+        assert fast_entry == slow_entry
+    else:
+        # "2026-11-30 18:00:23,207 INFO aoai_auth_proxy.access: POST /openai/... status=200 ..."
+        assert fast_line[:16] == slow_line[:16]
+        assert fast_line[23:] == slow_line[23:]
+        assert fast_line[19] == ","
+        assert fast_line[20:23].isdigit()
