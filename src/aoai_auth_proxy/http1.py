@@ -42,9 +42,7 @@ from .errors import (
     BadGateway,
     BadRequest,
     HeadersTooLarge,
-    MisdirectedHost,
     ProxyError,
-    Unauthorized,
 )
 from .forwarding import (
     client_response_headers,
@@ -53,11 +51,11 @@ from .forwarding import (
     upstream_url,
 )
 from .health import HEALTH_PATHS, readiness
-from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_name, presented_key
+from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_problem, key_problem
 from .lifecycle import Lifecycle
 from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
 from .metrics import Metrics
-from .relay import Upstream, forward
+from .relay import Upstream, forward, upstream_request_id
 from .upstream import PooledConnection, PooledUpstream
 
 log = logging.getLogger(__name__)
@@ -66,8 +64,6 @@ log = logging.getLogger(__name__)
 errors_log = logging.getLogger("aoai_auth_proxy.app")
 # As relay.py logs it for the task way: one logger for "the upstream broke off".
 relay_log = logging.getLogger("aoai_auth_proxy.relay")
-# The upstream's request id, for the access line: Azure's API Management id first.
-_REQUEST_IDS = ("apim-request-id", "x-request-id")
 
 # The limits aiohttp's server applied on this port before (tests/integration/test_hostile.py).
 MAX_FIELD_BYTES = 8190
@@ -557,12 +553,8 @@ class ClientConnection(asyncio.Protocol):
         if token is None:
             return False
         headers = [(_text(n), _text(v)) for n, v in request.headers]
-        if frontend.hosts is not None:
-            name = host_name(_text(request.host))
-            if name and name not in frontend.hosts and not name.startswith("127."):
-                return False
-        if frontend.keys is not None and not frontend.keys.accepts(presented_key(headers)):
-            return False
+        if self._admission_problem(request, path, headers) is not None:
+            return False  # the task way answers it
         try:
             url = upstream_url(frontend.settings.api_base_url, target)
         except ProxyError:
@@ -579,6 +571,19 @@ class ClientConnection(asyncio.Protocol):
         express.start(connection)
         self._express = express
         return True
+
+    def _admission_problem(
+        self, request: _Request, path: str, headers: Sequence[tuple[str, str]]
+    ) -> ProxyError | None:
+        """The inbound rules (inbound.py): the Host name, then the key (probes need none)."""
+        frontend = self._frontend
+        if frontend.hosts is not None and (
+            problem := host_problem(frontend.hosts, _text(request.host))
+        ):
+            return problem
+        if frontend.keys is not None and path not in HEALTH_PATHS:
+            return key_problem(frontend.keys, headers)
+        return None
 
     def express_done(self, express: _Express, *, keep_alive: bool) -> None:
         """An express exchange has answered (or been cut); go on with the connection."""
@@ -688,23 +693,8 @@ class ClientConnection(asyncio.Protocol):
             if problem is not None:
                 raise problem
         headers = [(_text(n), _text(v)) for n, v in request.headers]
-        if frontend.hosts is not None:
-            name = host_name(_text(request.host))
-            # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
-            if name and name not in frontend.hosts and not name.startswith("127."):
-                raise MisdirectedHost(
-                    "This proxy does not answer to that Host name; list it in "
-                    "PROXY_ALLOWED_HOSTS if it is meant to"
-                )
-        if (
-            frontend.keys is not None
-            and path not in HEALTH_PATHS
-            and not frontend.keys.accepts(presented_key(headers))
-        ):
-            raise Unauthorized(
-                "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
-                "api-key header or as Authorization: Bearer"
-            )
+        if problem := self._admission_problem(request, path, headers):
+            raise problem
         if request.method in ("GET", "HEAD") and path in _RESERVED:
             await self._reserved(request, path, response)
             return
@@ -883,8 +873,7 @@ class _Express:
             return
         timing.ttfb = time.monotonic() - self._started
         forwarded = client_response_headers(headers)
-        ids = {n.lower(): v for n, v in forwarded if n.lower() in _REQUEST_IDS}
-        timing.request_id = ids.get("apim-request-id") or ids.get("x-request-id")
+        timing.request_id = upstream_request_id(forwarded)
         try:
             self.response.head_now(status, reason, forwarded)
         except ProxyError as exc:

@@ -92,16 +92,23 @@ def presented_key(headers: Iterable[tuple[str, str]]) -> str | None:
     return None
 
 
+def key_problem(keys: InboundKeys, headers: Iterable[tuple[str, str]]) -> ProxyError | None:
+    """401 unless the request carries a key `keys` accepts."""
+    if keys.accepts(presented_key(headers)):
+        return None
+    return Unauthorized(
+        "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
+        "api-key header or as Authorization: Bearer"
+    )
+
+
 def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
     """Refuse requests without an accepted key with 401; probe paths in `exempt` are open."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in exempt and not keys.accepts(presented_key(request.headers.items())):
-            raise Unauthorized(
-                "Missing or wrong key for this proxy: send the PROXY_API_KEY value as the "
-                "api-key header or as Authorization: Bearer"
-            )
+        if request.path not in exempt and (problem := key_problem(keys, request.headers.items())):
+            raise problem
         return await handler(request)
 
     return check
@@ -137,18 +144,25 @@ def allowed_host_names(
     return LOOPBACK_NAMES if loopback_only else None
 
 
+def host_problem(allowed: frozenset[str], host_header: str) -> ProxyError | None:
+    """400 when the Host header names something `allowed` does not hold."""
+    name = host_name(host_header)
+    # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
+    if not name or name in allowed or name.startswith("127."):
+        return None
+    return MisdirectedHost(
+        "This proxy does not answer to that Host name; list it in PROXY_ALLOWED_HOSTS "
+        "if it is meant to"
+    )
+
+
 def require_host(allowed: frozenset[str]) -> Middleware:
     """Refuse with 400 a request whose Host header names something else."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        name = host_name(request.headers.get("Host", ""))
-        # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
-        if name and name not in allowed and not name.startswith("127."):
-            raise MisdirectedHost(
-                "This proxy does not answer to that Host name; list it in PROXY_ALLOWED_HOSTS "
-                "if it is meant to"
-            )
+        if problem := host_problem(allowed, request.headers.get("Host", "")):
+            raise problem
         return await handler(request)
 
     return check

@@ -304,8 +304,7 @@ async def _stream_back(
     downstream: Downstream, answer: UpstreamResponse, timing: UpstreamTiming
 ) -> None:
     headers = client_response_headers(answer.headers)
-    ids = {name.lower(): value for name, value in headers if name.lower() in _REQUEST_IDS}
-    timing.request_id = ids.get("apim-request-id") or ids.get("x-request-id")
+    timing.request_id = upstream_request_id(headers)
     try:
         await downstream.send_head(answer.status, answer.reason, headers)
     except ProxyError as exc:
@@ -327,6 +326,12 @@ async def _stream_back(
     except ConnectionError:
         timing.aborted = "client_gone"  # the client closed its side while we wrote
         downstream.abort()
+
+
+def upstream_request_id(headers: Sequence[tuple[str, str]]) -> str | None:
+    """The upstream's id of a request, for its access line: API Management's first."""
+    ids = {name.lower(): value for name, value in headers if name.lower() in _REQUEST_IDS}
+    return ids.get("apim-request-id") or ids.get("x-request-id")
 
 
 class _AiohttpDownstream:
