@@ -46,6 +46,9 @@ READ_LOW_WATER = 64 * 1024
 # An idle pooled connection older than this is not reused: well under the keep-alive of
 # Azure's front ends and of common servers, so the upstream rarely closes one under us.
 IDLE_SECONDS = 15.0
+# Idle connections kept per origin, as nginx's `keepalive` directive bounds them: a burst of
+# 1,000 streams leaves at most this many behind.
+MAX_IDLE = 256
 IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 _NO_BODY_STATUSES = frozenset({204, 304})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
@@ -633,11 +636,16 @@ class PooledUpstream:
         self._all.discard(connection)
 
     def release(self, origin: str, connection: PooledConnection) -> None:
-        if connection.closed:
+        idle = self._idle.setdefault(origin, [])
+        if connection.closed or len(idle) >= MAX_IDLE:
             self._drop(connection)
             return
-        connection.idle_since = connection.loop.time()
-        self._idle.setdefault(origin, []).append(connection)
+        now = connection.idle_since = connection.loop.time()
+        # LIFO reuse leaves the oldest at the bottom: close those past IDLE_SECONDS here, so
+        # a burst's connections do not linger until the upstream closes them.
+        while idle and now - idle[0].idle_since > self._idle_seconds:
+            self._drop(idle.pop(0))
+        idle.append(connection)
 
     def _drop(self, connection: PooledConnection) -> None:
         connection.close()

@@ -10,11 +10,12 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
+import aiohttp
 import pytest
 import pytest_asyncio
 
 from aoai_auth_proxy.testing import EntraStandIn, InvalidAccessToken
-from tests.conftest import CLIENT_ID, ProxyFactory
+from tests.conftest import CLIENT_ID, ProxyFactory, eventually
 from tests.integration.test_faults import reset
 
 # Tested elsewhere, not repeated here: gzip bytes and Content-Length (test_forwarding), a single
@@ -124,6 +125,10 @@ class RawUpstream:
     async def start(self) -> str:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._writers)
 
     async def close(self) -> None:
         if self._server is not None:
@@ -771,6 +776,37 @@ async def test_sequential_requests_reuse_pooled_upstream_connections(
         await client.close()
     assert len(upstream.requests) == 20
     assert upstream.connections <= 2, f"{upstream.connections} upstream connections"
+
+
+async def test_a_burst_leaves_at_most_256_idle_upstream_connections(
+    make_proxy: ProxyFactory, upstream: RawUpstream
+) -> None:
+    burst = 300
+    released = asyncio.Event()
+
+    async def held(received: Received, writer: asyncio.StreamWriter) -> bool:
+        await released.wait()  # all 300 are open upstream at once
+        return await echo(received, writer)
+
+    upstream.respond = held
+    url = await proxied(make_proxy, upstream)
+    connector = aiohttp.TCPConnector(limit=burst)
+    async with aiohttp.ClientSession(connector=connector) as session:
+
+        async def call(n: int) -> int:
+            async with session.get(f"{url}/burst/{n}") as response:
+                await response.read()
+                return response.status
+
+        async def open_upstream() -> int:
+            return upstream.open_connections
+
+        calls = asyncio.gather(*(call(n) for n in range(burst)))
+        assert await eventually(open_upstream, burst), upstream.open_connections
+        released.set()
+        assert await asyncio.wait_for(calls, TIMEOUT) == [200] * burst
+    # like nginx's `keepalive 256`: the pool keeps 256 and closes the rest
+    assert await eventually(open_upstream, 256), upstream.open_connections
 
 
 # -- an upstream closing a pooled connection -------------------------------------------------------
