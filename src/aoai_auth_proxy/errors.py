@@ -3,7 +3,9 @@
     ProxyError                     base; never raised itself
     ├── BadRequest          400    the request cannot be forwarded as sent (e.g. another host)
     │   ├── MisdirectedHost 400    the Host header names a host this proxy does not answer to
-    │   └── BadFraming      400    the request's framing is ambiguous (smuggling shapes)
+    │   ├── BadFraming      400    the request's framing is ambiguous (smuggling shapes)
+    │   ├── UriTooLong      414    the request target is longer than the proxy accepts
+    │   └── ExpectationFailed 417  an Expect other than 100-continue
     ├── HeadersTooLarge     431    the request's header section is larger than the proxy accepts
     ├── UnsupportedCoding   501    a transfer coding other than chunked
     ├── Unauthorized        401    the inbound key is missing or wrong
@@ -16,7 +18,8 @@
     TokenAcquisitionError          one token fetch from Entra failed (wrapped by NoValidToken)
 
 Third-party exceptions are converted into these in one place each: aiohttp's in
-`relay.upstream_error`, azure-identity's in `signin.EntraTokenFetcher.fetch` (anything else a
+`relay.upstream_error`, the raw upstream client's failures in `upstream._head_error` and
+`_mid_body_error`, azure-identity's in `signin.EntraTokenFetcher.fetch` (anything else a
 fetch raises, in `credentials.RefreshingTokenSource`), so handlers see only this tree.
 Clients get `error_body()`: short OpenAI-shaped JSON the SDKs surface; logs get the cause chain.
 """
@@ -61,6 +64,17 @@ class MisdirectedHost(BadRequest):
 class BadFraming(BadRequest):
     code = "ambiguous_framing"
     closes_connection = True
+
+
+class UriTooLong(BadRequest):
+    status = 414
+    code = "request_target_too_long"
+    closes_connection = True
+
+
+class ExpectationFailed(BadRequest):
+    status = 417
+    code = "expectation_failed"
 
 
 class HeadersTooLarge(ProxyError):

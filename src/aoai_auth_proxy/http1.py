@@ -41,8 +41,10 @@ from .errors import (
     BadFraming,
     BadGateway,
     BadRequest,
+    ExpectationFailed,
     HeadersTooLarge,
     ProxyError,
+    UriTooLong,
 )
 from .forwarding import (
     client_response_headers,
@@ -88,17 +90,6 @@ class _Refused(Exception):
     def __init__(self, error: ProxyError) -> None:
         super().__init__(error.message)
         self.error = error
-
-
-class UriTooLong(BadRequest):
-    status = 414
-    code = "request_target_too_long"
-    closes_connection = True
-
-
-class ExpectationFailed(BadRequest):
-    status = 417
-    code = "expectation_failed"
 
 
 class _Body:
@@ -209,17 +200,14 @@ class _Request:
         self.upgrade_offer: bytes | None = None
 
     def streams(self, settings: Settings) -> bool:
-        return _streams(self, settings)
-
-
-def _streams(request: _Request, settings: Settings) -> bool:
-    length = request.content_length
-    # It starts before its body is in: a streamed body, or a client waiting for 100 Continue.
-    return (
-        request.chunked
-        or request.body.expect_continue
-        or (length is not None and length > settings.replay_max_bytes)
-    )
+        """It starts before its body is in: a streamed body, or a client waiting for 100
+        Continue; else it is kept whole (at most PROXY_REPLAY_MAX_BYTES) first."""
+        length = self.content_length
+        return (
+            self.chunked
+            or self.body.expect_continue
+            or (length is not None and length > settings.replay_max_bytes)
+        )
 
 
 class Frontend:

@@ -107,6 +107,18 @@ async def echo(received: Received, writer: asyncio.StreamWriter) -> bool:
     return True
 
 
+def reply_at(target: bytes, raw: bytes) -> Respond:
+    """`raw` to requests for `target` (the connection kept), `echo` to every other."""
+    answer = reply(raw)
+
+    async def respond(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if received.target == target:
+            return await answer(received, writer)
+        return await echo(received, writer)
+
+    return respond
+
+
 class RawUpstream:
     """A raw HTTP/1.1 upstream on loopback: reads every request in full (head and body, either
     framing), verifies its bearer token with the Entra stand-in, records it in `requests`, then
@@ -452,17 +464,11 @@ async def test_chunks_of_odd_sizes_reach_the_client_each_before_the_next_is_sent
 async def test_response_trailers_do_not_become_headers_and_the_body_is_intact(
     make_proxy: ProxyFactory, upstream: RawUpstream
 ) -> None:
-    async def respond(received: Received, writer: asyncio.StreamWriter) -> bool:
-        if received.target == b"/trailers":
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
-                b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n"
-            )
-            await writer.drain()
-            return True
-        return await echo(received, writer)
-
-    upstream.respond = respond
+    upstream.respond = reply_at(
+        b"/trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        b"5\r\nhello\r\n6\r\n world\r\n0\r\nX-Checksum: abc\r\nX-Other: 1\r\n\r\n",
+    )
     client = await Client.connect(await proxied(make_proxy, upstream))
     try:
         response = await client.request(get(b"/trailers"))
@@ -515,14 +521,9 @@ async def test_the_proxy_adds_no_header_the_upstream_did_not_send(
 async def test_a_304_keeps_its_content_length_and_has_no_body(
     make_proxy: ProxyFactory, upstream: RawUpstream
 ) -> None:
-    async def respond(received: Received, writer: asyncio.StreamWriter) -> bool:
-        if received.target == b"/cached":
-            writer.write(b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 10\r\n\r\n')
-            await writer.drain()
-            return True
-        return await echo(received, writer)
-
-    upstream.respond = respond
+    upstream.respond = reply_at(
+        b"/cached", b'HTTP/1.1 304 Not Modified\r\nETag: "v1"\r\nContent-Length: 10\r\n\r\n'
+    )
     client = await Client.connect(await proxied(make_proxy, upstream))
     try:
         response = await client.request(get(b"/cached", b'If-None-Match: "v1"\r\n'))
