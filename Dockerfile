@@ -1,9 +1,9 @@
 # aoai-auth-proxy container image:  docker build -t aoai-auth-proxy .
 #
-# Two stages. The builder turns the source into a wheel and installs it, with the runtime
-# dependencies pinned by hash in requirements.lock, into the virtual environment /opt/venv.
-# The runtime stage is the same slim Python base plus that venv only: no compiler, no build
-# backend, no pip cache, no source tree. It runs as a numeric non-root user, writes nothing at
+# Two stages. The builder turns the source into a wheel, its per-request modules compiled by
+# mypyc (hatch_build.py), and installs it, with the runtime dependencies pinned by hash in
+# requirements.lock, into the virtual environment /opt/venv. The runtime stage is the same slim
+# Python base plus that venv only: no compiler, no build backend, no pip cache, no source tree. It runs as a numeric non-root user, writes nothing at
 # run time (works with --read-only and --cap-drop ALL) and handles SIGTERM itself as PID 1.
 #
 # The base is the official image, pinned by tag. For reproducible builds pin its digest too
@@ -17,19 +17,26 @@ ENV PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 
-# Dependencies first, so this layer is reused until the lock file changes. Wheels only: the
-# slim base has no compiler, and a source build would mean an unreviewed toolchain step.
+# Debian's C compiler, for mypyc's extensions only (the builder stage; the image has none).
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
+# Dependencies first, so this layer is reused until the lock file changes. Wheels only: a
+# dependency built from source would mean an unreviewed toolchain step.
 COPY requirements.lock requirements-build.lock ./
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock \
     && python3 -m venv /opt/build \
     && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements-build.lock
 
-# The wheel is built with the pinned hatchling from a separate venv (/opt/build), so the
-# build backend never lands in /opt/venv; --no-deps because every dependency is already in.
-COPY pyproject.toml README.md ./
+# The wheel is built with the pinned hatchling and mypyc from a separate venv (/opt/build), so
+# the build tools never land in /opt/venv; --no-deps because every dependency is already in.
+# AOAI_PROXY_REQUIRE_NATIVE: a failed compile fails the build instead of shipping pure Python.
+COPY pyproject.toml README.md hatch_build.py ./
 COPY src ./src
-RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
+RUN AOAI_PROXY_REQUIRE_NATIVE=1 /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /dist . \
     && /opt/venv/bin/pip install --no-deps --no-index /dist/*.whl \
     && /opt/venv/bin/python -m pip uninstall --yes pip setuptools \
     # Bytecode is compiled here, with hashes that are never re-checked, because the running

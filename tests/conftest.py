@@ -16,6 +16,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
+import aoai_auth_proxy
 from aoai_auth_proxy.config import Settings, load_settings
 from aoai_auth_proxy.server import ProxyServer
 from aoai_auth_proxy.testing import (
@@ -24,6 +25,31 @@ from aoai_auth_proxy.testing import (
     ClientCertificate,
     EntraStandIn,
 )
+
+
+def _compiled_modules() -> dict[str, Path]:
+    """The package's modules built by mypyc in place (`make native`), with their extension."""
+    package = Path(aoai_auth_proxy.__file__).parent
+    return {path.name.partition(".")[0]: path for path in sorted(package.glob("*.so"))}
+
+
+def pytest_report_header() -> str:
+    compiled = _compiled_modules()
+    if not compiled:
+        return "aoai_auth_proxy: pure Python (make pure)"
+    return f"aoai_auth_proxy: compiled by mypyc: {', '.join(compiled)}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # An extension older than its source would test yesterday's code (Python imports the
+    # extension first): refuse to run rather than pass or fail for the wrong reason.
+    for name, extension in _compiled_modules().items():
+        source = extension.with_name(f"{name}.py")
+        if source.stat().st_mtime > extension.stat().st_mtime:
+            raise pytest.UsageError(
+                f"{source} changed after it was compiled: run `make native` (or `make pure`)"
+            )
+
 
 # LiteLLM downloads a model price map at import time unless told to use its bundled copy;
 # tests reach loopback only.

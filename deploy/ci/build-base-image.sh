@@ -2,7 +2,7 @@
 # Builds a stand-in for the Dockerfile's base image and tags it with exactly that name, because
 # CI machines reach Debian's archive but no container registry. The stand-in is Debian bookworm
 # (the official python:3.11-slim-bookworm is built on bookworm too) with Debian's Python 3.11,
-# venv and CA certificates, plus this machine's CA bundle so pip can reach PyPI from inside
+# its C headers (the official image carries them too), venv and CA certificates, plus this machine's CA bundle so pip can reach PyPI from inside
 # `podman build` through the machine's TLS-inspecting egress.
 #
 # Usage: build-base-image.sh IMAGE   (e.g. docker.io/library/python:3.11-slim-bookworm)
@@ -27,7 +27,7 @@ echo "building stand-in base $image with mmdebstrap ($suite, $mirror)"
 # minbase and no documentation keep it near the size of the official slim image; python-is-python3
 # gives the `python` command the official image has.
 mmdebstrap --quiet --variant=minbase --format=tar \
-    --include=python3,python3-venv,python-is-python3,ca-certificates \
+    --include=python3,python3-venv,python3-dev,python-is-python3,ca-certificates \
     --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright' \
     --dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/locale/*' \
     --customize-hook="copy-in $ca_bundle /etc/ssl/certs" \

@@ -2,7 +2,7 @@
 # `make check-deploy`: proves that what users deploy with works, on a machine with no Docker
 # engine and no Kubernetes API server (shared/DESIGN.md section 5). Steps:
 #   1. Debian packages: podman (with runc) and mmdebstrap, installed when missing.
-#   2. hadolint on the Dockerfile; requirements-build.lock pins pyproject.toml's build backend.
+#   2. hadolint on the Dockerfile; requirements-build.lock pins pyproject.toml's build requirements.
 #   3. The Compose binary's `config -q` on docker-compose.yml and compose.demo.yml, and
 #      docker-compose.yml refusing to start without its required variables.
 #   4. kubernetes-validate --strict on every manifest under deploy/kubernetes (patches are
@@ -80,12 +80,16 @@ step "hadolint Dockerfile"
 "$TOOLS/hadolint" --version
 "$TOOLS/hadolint" Dockerfile || fail "hadolint found problems in the Dockerfile"
 echo "Dockerfile: no findings"
-# The builder stage installs the build backend from requirements-build.lock: it must be the one
-# pyproject.toml names, or the image would be built differently from `pip wheel .`.
-backend=$(sed -n 's/^requires = \["\(hatchling==[^"]*\)"\]$/\1/p' pyproject.toml)
-[ -n "$backend" ] && grep -q "^$backend " requirements-build.lock ||
-    fail "requirements-build.lock does not pin pyproject.toml's build backend (${backend:-none found}); regenerate it (see its header)"
-echo "requirements-build.lock pins $backend, as pyproject.toml does"
+# The builder stage installs the build requirements from requirements-build.lock: they must be
+# the ones pyproject.toml names, or the image would be built differently from `pip wheel .`.
+mapfile -t requires < <("$PROJECT/python" -c 'import tomllib
+for r in tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]: print(r)')
+[ ${#requires[@]} -gt 0 ] || fail "pyproject.toml names no build requirements"
+for requirement in "${requires[@]}"; do
+    grep -q "^$requirement " requirements-build.lock ||
+        fail "requirements-build.lock does not pin $requirement as pyproject.toml does; regenerate it (see its header)"
+done
+echo "requirements-build.lock pins ${requires[*]}, as pyproject.toml does"
 
 step "compose config"
 "$compose" version
@@ -149,7 +153,7 @@ podman image inspect --format '{{.Id}} {{.Size}} bytes, user {{.Config.User}}' "
 podman image prune --force --filter until=168h >/dev/null
 
 step "run the image"
-"$PROJECT/python" tests/deploy/run_image.py "$IMAGE" --compose "$compose" --demo-compose compose.demo.yml ||
+"$PROJECT/python" -m tests.deploy.run_image "$IMAGE" --compose "$compose" --demo-compose compose.demo.yml ||
     fail "the image did not behave (see above)"
 
 finish_step

@@ -8,24 +8,23 @@ import ssl
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from .config import Settings
 from .credentials import RefreshingTokenSource, TokenSource
-from .errors import BadRequest, ProxyError
-from .forwarding import redact_target
+from .errors import BadRequest
 from .health import HEALTH_PATHS, health_routes
-from .inbound import (
-    InboundKeys,
-    InboundRules,
-    allowed_host_names,
+from .inbound import InboundKeys, InboundRules, allowed_host_names
+from .lifecycle import Lifecycle
+from .metrics import Metrics
+from .middlewares import (
+    log_cancelled,
+    observe,
+    proxy_errors,
     require_host,
     require_key,
     require_sound_framing,
+    track,
 )
-from .lifecycle import Lifecycle
-from .logs import log_cancelled
-from .metrics import Metrics
 from .outbound import client_ssl_context
 from .relay import AiohttpUpstream, Upstream, relay
 from .signin import EntraTokenFetcher
@@ -87,10 +86,10 @@ def create_app(
 
     reserved = frozenset((*HEALTH_PATHS, METRICS_PATH))
     middlewares = [
-        lifecycle.middleware(),
-        metrics.middleware(exempt=reserved),
+        track(lifecycle),
+        observe(metrics, exempt=reserved),
         log_cancelled,
-        _proxy_errors,
+        proxy_errors,
         require_sound_framing,
     ]
     hosts = allowed_host_names(settings.allowed_hosts, loopback_only=settings.binds_loopback_only)
@@ -142,27 +141,3 @@ def create_admin_app(app: web.Application) -> web.Application:
     admin.add_routes(health_routes(app[TOKEN_SOURCE], app[LIFECYCLE]))
     admin.router.add_get(METRICS_PATH, app[METRICS].handler)
     return admin
-
-
-@web.middleware
-async def _proxy_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn the proxy's own errors into OpenAI-shaped JSON the SDKs surface."""
-    try:
-        return await handler(request)
-    except ProxyError as exc:
-        log.warning(
-            "%s %s -> %d %s: %s",
-            request.method,
-            redact_target(request.raw_path),
-            exc.status,
-            exc.code,
-            exc.message,
-        )
-        response = web.Response(
-            status=exc.status,
-            body=exc.error_body(),
-            content_type="application/json",
-        )
-        if exc.closes_connection:
-            response.force_close()  # a request smuggled behind this one is never read
-        return response

@@ -8,6 +8,7 @@ import os
 import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
@@ -69,7 +70,7 @@ class Settings:
     # source and upstream pool (the shared-gateway deployment); 1 for a sidecar.
     workers: int = 1
 
-    @property
+    @cached_property  # read for every request: urlsplit once (frozen: it fills __dict__)
     def upstream_host(self) -> str:
         """The `Host` header value for the upstream (host[:port] as written in API_BASE_URL)."""
         return urlsplit(self.api_base_url).netloc

@@ -112,6 +112,19 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
     return forwarded
 
 
+def upstream_request_id(headers: Headers) -> str | None:
+    """The upstream's id of a request, for its access line: API Management's first."""
+    found: str | None = None
+    for name, value in headers:
+        if len(name) in (12, 15):  # runs for every response: skip the lower() of others
+            lowered = name.lower()
+            if lowered == "apim-request-id" and value:
+                return value
+            if lowered == "x-request-id" and not found:
+                found = value
+    return found
+
+
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
     dropped = HOP_BY_HOP | connection_tokens(headers)

@@ -34,6 +34,7 @@ from http import HTTPStatus
 from typing import Any, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from .config import Settings
 from .credentials import TokenSource
@@ -50,6 +51,7 @@ from .forwarding import (
     client_response_headers,
     redact_target,
     upstream_request_headers,
+    upstream_request_id,
     upstream_url,
 )
 from .health import HEALTH_PATHS, readiness
@@ -57,7 +59,7 @@ from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_proble
 from .lifecycle import Lifecycle
 from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
 from .metrics import Metrics
-from .relay import Upstream, forward, upstream_request_id
+from .relay import Upstream, forward
 from .upstream import PooledConnection, PooledUpstream
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
+@mypyc_attr(native_class=False)  # an exception stays a Python class: see logs.NOT_NATIVE
 class _Refused(Exception):
     """A request the parser callbacks stop at once: answered with `error`, then closed."""
 
@@ -163,9 +166,19 @@ class _Body:
             parts.append(piece)
         return b"".join(parts)
 
-    async def pieces(self) -> AsyncIterator[bytes]:
-        while piece := await self.read():
-            yield piece
+    def pieces(self) -> AsyncIterator[bytes]:
+        """The rest of the body, piece by piece (an iterator class: mypyc compiles no async
+        generator)."""
+        return self
+
+    def __aiter__(self) -> _Body:
+        return self
+
+    async def __anext__(self) -> bytes:
+        piece = await self.read()
+        if not piece:
+            raise StopAsyncIteration
+        return piece
 
     def lost(self) -> None:
         self._wake()
@@ -239,8 +252,9 @@ class Frontend:
         self.connections: set[ClientConnection] = set()
         self.closing = False
 
-    def connection(self) -> ClientConnection:
-        return ClientConnection(self)
+    def connection(self) -> asyncio.Protocol:
+        """A new connection's protocol (see ClientConnection on why the cast holds)."""
+        return cast(asyncio.Protocol, ClientConnection(self))
 
     def close_idle(self) -> None:
         """Draining: idle keep-alive connections close now, busy ones after their answer."""
@@ -253,9 +267,13 @@ class Frontend:
             connection.abort()
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection:
     """One client connection: requests in order (pipelined ones wait their turn), each
-    relayed by a task of its own that the connection cancels if the client goes away."""
+    relayed by a task of its own that the connection cancels if the client goes away.
+
+    An asyncio protocol by its methods, not by subclassing asyncio.Protocol: compiled by
+    mypyc (hatch_build.py), a class with a Python base would get weak references its
+    deallocation does not clear. The event loop only ever calls these methods by name."""
 
     def __init__(self, frontend: Frontend) -> None:
         self._frontend = frontend
@@ -272,10 +290,12 @@ class ClientConnection(asyncio.Protocol):
         self._paused_by: set[str] = set()
         self._can_write: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle_deadline = 0.0  # loop time; 0: not waiting for a request head
         self._pending_upgrade: tuple[_Request, bytes] | None = None
         self._refusal: ProxyError | None = None
         self._out: list[bytes] = []
         self._out_bytes = 0
+        self._holding = 0
         self.lost = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -317,7 +337,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._frontend.connections.discard(self)
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
         for request in (self._parsing, *self._queue):
@@ -435,12 +455,22 @@ class ClientConnection(asyncio.Protocol):
         if not self._paused_by and self._transport is not None and not self.lost:
             self._transport.resume_reading()
 
+    def hold(self) -> None:
+        """Writes from now until `release` go out together (an express exchange delivering
+        one upstream read), with no call_soon round through the loop."""
+        self._holding += 1
+
+    def release(self) -> None:
+        self._holding -= 1
+        if not self._holding:
+            self.flush()
+
     def write(self, data: bytes) -> None:
         """Queue bytes for the client; what one loop iteration writes (a small response's
         head, body and end) goes out in one send instead of three."""
         if self.lost:
             return
-        if not self._out:
+        if not self._out and not self._holding:
             self._loop.call_soon(self.flush)
         self._out.append(data)
         self._out_bytes += len(data)
@@ -618,7 +648,7 @@ class ClientConnection(asyncio.Protocol):
         path = request.target.partition(b"?")[0].decode("latin-1")
         observed = path not in _RESERVED
         if observed:
-            frontend.metrics.in_flight.inc()
+            frontend.metrics.in_flight += 1
         status = 500
         try:
             await self._answer(request, path, response, rejected=rejected)
@@ -645,7 +675,7 @@ class ClientConnection(asyncio.Protocol):
         finally:
             seconds = time.monotonic() - started
             if observed:
-                frontend.metrics.in_flight.dec()
+                frontend.metrics.in_flight -= 1
                 frontend.metrics.observe(
                     request.method,
                     frontend.metrics.deployment(path),
@@ -735,7 +765,7 @@ class ClientConnection(asyncio.Protocol):
         head rebuilt from what llhttp parsed, and the bytes that followed it."""
         self._pending_upgrade = None
         self._frontend.connections.discard(self)
-        self._cancel_idle_timer()
+        self._stop_idle_timer()
         transport = self._transport
         assert transport is not None
         head = b"%s %s HTTP/%d.%d\r\n" % (
@@ -795,18 +825,32 @@ class ClientConnection(asyncio.Protocol):
     def _arm_idle_timer(self) -> None:
         # A connection waiting for a request head gets PROXY_HEADER_TIMEOUT to send it
         # whole: idle keep-alive and slow-header clients alike (nginx's client_header_timeout).
-        self._cancel_idle_timer()
-        self._idle_timer = self._loop.call_later(
-            self._frontend.settings.header_timeout, self._idle_timeout
-        )
+        # Arming sets a deadline; the loop timer is made only if none is pending: a
+        # keep-alive connection would otherwise make and cancel one per request.
+        timeout = self._frontend.settings.header_timeout
+        self._idle_deadline = self._loop.time() + timeout
+        if self._idle_timer is None:
+            self._idle_timer = self._loop.call_later(timeout, self._idle_check)
 
     def _cancel_idle_timer(self) -> None:
+        self._idle_deadline = 0.0  # a pending timer finds nothing to do (see _idle_check)
+
+    def _stop_idle_timer(self) -> None:
+        """The connection is gone or handed over: no timer is left pending for it."""
+        self._idle_deadline = 0.0
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
 
-    def _idle_timeout(self) -> None:
+    def _idle_check(self) -> None:
         self._idle_timer = None
+        if not self._idle_deadline:
+            return  # disarmed: a request came
+        remaining = self._idle_deadline - self._loop.time()
+        if remaining > 0:  # re-armed since this timer was made
+            self._idle_timer = self._loop.call_later(remaining, self._idle_check)
+            return
+        self._idle_deadline = 0.0
         if not self._busy and self._transport is not None:
             self.flush()
             self._transport.close()
@@ -846,7 +890,7 @@ class _Express:
         self._connection = connection
         frontend = self._client.frontend
         frontend.lifecycle.enter(self)
-        frontend.metrics.in_flight.inc()
+        frontend.metrics.in_flight += 1
 
     # -- ResponseSink ---------------------------------------------------------------------
 
@@ -878,6 +922,12 @@ class _Express:
         except ConnectionError:
             self._detach()
             self._cut("client_gone")
+
+    def hold(self) -> None:
+        self._client.hold()
+
+    def release(self) -> None:
+        self._client.release()
 
     def on_end(self) -> None:
         self._connection = None
@@ -945,7 +995,7 @@ class _Express:
         if not self._done:
             self._done = True
             frontend = self._client.frontend
-            frontend.metrics.in_flight.dec()
+            frontend.metrics.in_flight -= 1
             frontend.lifecycle.leave(self)
 
     def _finish(self, status: int, *, keep_alive: bool) -> None:

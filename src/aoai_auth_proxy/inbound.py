@@ -8,9 +8,6 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
 from .config import parse_keys
 from .errors import (
     BadFraming,
@@ -102,18 +99,6 @@ def key_problem(keys: InboundKeys, headers: Iterable[tuple[str, str]]) -> ProxyE
     )
 
 
-def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
-    """Refuse requests without an accepted key with 401; probe paths in `exempt` are open."""
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in exempt and (problem := key_problem(keys, request.headers.items())):
-            raise problem
-        return await handler(request)
-
-    return check
-
-
 @dataclass(frozen=True)
 class InboundRules:
     """Who may use the proxy port: Host names (None: any) and keys (None: no key needed)."""
@@ -156,18 +141,6 @@ def host_problem(allowed: frozenset[str], host_header: str) -> ProxyError | None
     )
 
 
-def require_host(allowed: frozenset[str]) -> Middleware:
-    """Refuse with 400 a request whose Host header names something else."""
-
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if problem := host_problem(allowed, request.headers.get("Host", "")):
-            raise problem
-        return await handler(request)
-
-    return check
-
-
 # Past the parser's own limits (8190 bytes a line, 128 fields) a request could still carry
 # 1 MiB of headers; Azure OpenAI needs a few KiB.
 MAX_HEADER_BYTES = 64 * 1024
@@ -199,12 +172,3 @@ def framing_problem(
         # Transfer-Encoding is hop by hop: forwarding would silently drop the coding.
         return UnsupportedCoding("Only the chunked transfer coding is accepted")
     return None
-
-
-@web.middleware
-async def require_sound_framing(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse what the HTTP parser lets through but a proxy must not forward."""
-    problem = framing_problem((request.version.major, request.version.minor), request.raw_headers)
-    if problem is not None:
-        raise problem
-    return await handler(request)

@@ -6,9 +6,6 @@ import asyncio
 import contextlib
 from typing import Any, Protocol
 
-from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
-
 
 class Cancellable(Protocol):
     """Something serving a request: a task, or an express exchange (http1.py)."""
@@ -29,21 +26,6 @@ class Lifecycle:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
-
-    def middleware(self) -> Middleware:
-        """Counts each request from routing until its handler returns or is cancelled."""
-
-        @web.middleware
-        async def track(request: web.Request, handler: Handler) -> web.StreamResponse:
-            task = asyncio.current_task()
-            assert task is not None
-            self.enter(task)
-            try:
-                return await handler(request)
-            finally:
-                self.leave(task)
-
-        return track
 
     def enter(self, task: Cancellable) -> None:
         """`task` serves a request from now on (cancelled if still running after the grace)."""

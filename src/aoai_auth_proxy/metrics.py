@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
+import bisect
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from .credentials import TokenStatus
-from .logs import SESSION_STATS, UPSTREAM_TIMING, SessionStats, UpstreamTiming
+from .logs import SessionStats, UpstreamTiming
 
 PREFIX = "aoai_proxy"
 # LLM calls span from a 10 ms embedding to a 10-minute reasoning stream.
@@ -22,6 +23,10 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 MAX_DEPLOYMENT_LABELS = 50
 OTHER = "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The `le` labels of LATENCY_BUCKETS as prometheus_client writes them (its floatToGoString).
+_LE = (*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf")
+# Paths whose deployment label is remembered (the regex runs once per path, not per request).
+MAX_CACHED_PATHS = 1024
 _DEPLOYMENT = re.compile(r"^/(?:openai/)?deployments/([^/?]+)/")
 _AADSTS = re.compile(r"AADSTS(\d+)")
 
@@ -44,26 +49,9 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
-            f"{PREFIX}_requests",
-            "Requests answered, by method, status code and deployment.",
-            ["method", "code", "deployment"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            f"{PREFIX}_request_duration_seconds",
-            "Time from request to the end of the response.",
-            ["deployment"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttfb = Histogram(
-            f"{PREFIX}_upstream_ttfb_seconds",
-            "Time until the upstream's status line and headers.",
-            ["deployment"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        # The three series every request updates, kept as plain numbers (RequestSeries).
+        self.series = RequestSeries()
+        r.register(self.series)
         self.stream_duration = Histogram(
             f"{PREFIX}_stream_duration_seconds",
             "Duration of server-sent-event streams.",
@@ -71,9 +59,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
+        # Requests being served now: a plain count, read by the gauge when scraped.
+        self.in_flight = 0
+        Gauge(
             f"{PREFIX}_in_flight_requests", "Requests being served now.", registry=r
-        )
+        ).set_function(lambda: self.in_flight)
         self.upstream_errors = Counter(
             f"{PREFIX}_upstream_errors",
             "Upstream failures, by kind (connect, tls, timeout, reset, protocol).",
@@ -127,10 +117,18 @@ class Metrics:
             registry=r,
         )
         self._deployments: set[str] = set()
-        self._children: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram]] = {}
+        self._labels: dict[str, str] = {}
 
     def deployment(self, path: str) -> str:
         """A bounded label for `path`: the first MAX_DEPLOYMENT_LABELS names, then "other"."""
+        label = self._labels.get(path)
+        if label is None:
+            label = self._deployment(path)
+            if len(self._labels) < MAX_CACHED_PATHS:
+                self._labels[path] = label
+        return label
+
+    def _deployment(self, path: str) -> str:
         name = deployment_of(path)
         if not name or name in self._deployments:
             return name
@@ -158,48 +156,6 @@ class Metrics:
         self.certificate_expiry.clear()  # one series: the certificate in use now
         self.certificate_expiry.labels(thumbprint).set(not_after)
 
-    def middleware(self, *, exempt: frozenset[str]) -> Middleware:
-        """Observe every forwarded request (not the probes and /metrics in `exempt`)."""
-
-        @web.middleware
-        async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-            if request.path in exempt:
-                return await handler(request)
-            deployment = self.deployment(request.path)
-            started = time.monotonic()
-            code = "500"
-            streamed = False
-            self.in_flight.inc()
-            try:
-                response = await handler(request)
-                code = str(response.status)
-                streamed = response.content_type == "text/event-stream"
-                return response
-            except asyncio.CancelledError:
-                code = "499"
-                raise
-            except web.HTTPException as exc:
-                code = str(exc.status)
-                raise
-            finally:
-                self.in_flight.dec()
-                self._observe(request, deployment, code, time.monotonic() - started, streamed)
-
-        return observe
-
-    def _observe(
-        self, request: web.Request, deployment: str, code: str, seconds: float, streamed: bool
-    ) -> None:
-        self.observe(
-            request.method,
-            deployment,
-            code,
-            seconds,
-            streamed=streamed,
-            timing=request.get(UPSTREAM_TIMING),
-            session=request.get(SESSION_STATS),
-        )
-
     def observe(
         self,
         method: str,
@@ -213,19 +169,8 @@ class Metrics:
     ) -> None:
         """Count one answered request (whichever server answered it)."""
         method = method if method in METHODS else OTHER
-        key = (method, code, deployment)
-        children = self._children.get(key)
-        if children is None:
-            # labels() takes a lock and builds a tuple on every call: the label sets are
-            # bounded (METHODS x status codes x MAX_DEPLOYMENT_LABELS), so keep the children.
-            children = self._children[key] = (
-                self.requests.labels(method, code, deployment),
-                self.duration.labels(deployment),
-                self.ttfb.labels(deployment),
-            )
-        requests, duration, ttfb = children
-        requests.inc()
-        duration.observe(seconds)
+        ttfb = timing.ttfb if timing is not None else None
+        self.series.count(method, code, deployment, seconds, ttfb)
         if streamed:
             self.stream_duration.labels(deployment).observe(seconds)
         if code == "429":
@@ -237,11 +182,8 @@ class Metrics:
             self.websocket_frames.labels("in").inc(session.frames_in)
             self.websocket_frames.labels("out").inc(session.frames_out)
             self.websocket_duration.observe(seconds)
-        if timing is not None:
-            if timing.ttfb is not None:
-                ttfb.observe(timing.ttfb)
-            if timing.error_kind is not None:
-                self.upstream_errors.labels(timing.error_kind).inc()
+        if timing is not None and timing.error_kind is not None:
+            self.upstream_errors.labels(timing.error_kind).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The page /metrics serves, and its content type."""
@@ -253,3 +195,88 @@ class Metrics:
             body=generate_latest(self.registry),
             headers={"Content-Type": CONTENT_TYPE_LATEST},
         )
+
+
+class _Tally:
+    """One histogram's numbers: counts per bucket (the last for +Inf), their sum, and when
+    the series began (the `_created` sample prometheus_client's own histograms export)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose upper bound holds the value (le: less than or equal).
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Count:
+    def __init__(self) -> None:
+        self.value = 0
+        self.created = time.time()
+
+
+class RequestSeries:
+    """aoai_proxy_requests_total, aoai_proxy_request_duration_seconds and
+    aoai_proxy_upstream_ttfb_seconds, with the names, labels, buckets and samples
+    prometheus_client's Counter and Histogram export, counted in plain numbers and turned
+    into samples when scraped: prometheus_client's children take a lock and run Python for
+    each count, about a tenth of a relayed request's CPU (issue 8). Counted and scraped on
+    the event loop's thread only."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, str], _Count] = {}
+        self._duration: dict[str, _Tally] = {}
+        self._ttfb: dict[str, _Tally] = {}
+
+    def count(
+        self, method: str, code: str, deployment: str, seconds: float, ttfb: float | None
+    ) -> None:
+        key = (method, code, deployment)
+        requests = self._requests.get(key)
+        if requests is None:
+            requests = self._requests[key] = _Count()
+        requests.value += 1
+        duration = self._duration.get(deployment)
+        if duration is None:
+            duration = self._duration[deployment] = _Tally(LATENCY_BUCKETS)
+            self._ttfb[deployment] = _Tally(LATENCY_BUCKETS)
+        duration.observe(seconds)
+        if ttfb is not None:
+            self._ttfb[deployment].observe(ttfb)
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            f"{PREFIX}_requests",
+            "Requests answered, by method, status code and deployment.",
+            labels=["method", "code", "deployment"],
+        )
+        for (method, code, deployment), count in self._requests.items():
+            requests.add_metric([method, code, deployment], count.value, created=count.created)
+        yield requests
+        yield _histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Time from request to the end of the response.",
+            self._duration,
+        )
+        yield _histogram(
+            f"{PREFIX}_upstream_ttfb_seconds",
+            "Time until the upstream's status line and headers.",
+            self._ttfb,
+        )
+
+
+def _histogram(name: str, documentation: str, tallies: dict[str, _Tally]) -> Metric:
+    family = HistogramMetricFamily(name, documentation, labels=["deployment"])
+    for deployment, tally in tallies.items():
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        for le, count in zip(_LE, tally.counts, strict=True):
+            running += count
+            buckets.append((le, running))
+        family.add_metric([deployment], buckets, tally.sum)
+        family.samples.append(Sample(f"{name}_created", {"deployment": deployment}, tally.created))
+    return family

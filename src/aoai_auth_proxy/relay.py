@@ -26,16 +26,20 @@ from yarl import URL
 from .config import Settings
 from .credentials import TokenSource
 from .errors import BadGateway, GatewayTimeout, ProxyError
-from .forwarding import client_response_headers, upstream_request_headers, upstream_url
-from .logs import UPSTREAM_TIMING, UpstreamTiming
+from .forwarding import (
+    client_response_headers,
+    upstream_request_headers,
+    upstream_request_id,
+    upstream_url,
+)
+from .logs import UpstreamTiming
+from .middlewares import UPSTREAM_TIMING
 from .outbound import client_session
 
 log = logging.getLogger(__name__)
 
 # aiohttp would otherwise add these when the client did not send them; a proxy adds nothing.
 _NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
-# The upstream's request id, for the access line: Azure's API Management id first.
-_REQUEST_IDS = ("apim-request-id", "x-request-id")
 
 
 @dataclass(frozen=True)
@@ -326,12 +330,6 @@ async def _stream_back(
     except ConnectionError:
         timing.aborted = "client_gone"  # the client closed its side while we wrote
         downstream.abort()
-
-
-def upstream_request_id(headers: Sequence[tuple[str, str]]) -> str | None:
-    """The upstream's id of a request, for its access line: API Management's first."""
-    ids = {name.lower(): value for name, value in headers if name.lower() in _REQUEST_IDS}
-    return ids.get("apim-request-id") or ids.get("x-request-id")
 
 
 class _AiohttpDownstream:

@@ -30,8 +30,9 @@ from .app import (
 )
 from .config import Settings
 from .errors import ERROR_TYPE
-from .http1 import ClientConnection, Frontend
-from .logs import ACCESS_LOGGER, AccessLogger, install_malformed_request_filter
+from .http1 import Frontend
+from .logs import ACCESS_LOGGER, install_malformed_request_filter
+from .middlewares import AccessLogger
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class ProxyServer:
             if len(frontend.connections) + len(server.connections) >= limit:
                 refused.inc()
                 return _Refuse(limit)
-            return ClientConnection(frontend)
+            return frontend.connection()
 
         # With PROXY_WORKERS the kernel spreads new connections over the workers' listeners
         # (SO_REUSEPORT), with no accept lock and no hand-off between processes.

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import Protocol, cast
 
 import httptools
+from mypy_extensions import mypyc_attr
 
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .relay import UpstreamRequest
@@ -90,6 +91,7 @@ def uses_egress_proxy(url: str) -> bool:
     return not urllib.request.proxy_bypass(origin.host)
 
 
+@mypyc_attr(native_class=False)  # an exception stays a Python class: see logs.NOT_NATIVE
 class _Failure(Exception):
     """Why a connection failed; `before_response` when not one response byte had arrived."""
 
@@ -107,6 +109,14 @@ class ResponseSink(Protocol):
 
     def on_body(self, data: bytes) -> None: ...
 
+    def hold(self) -> None:
+        """Bytes from one upstream read are being delivered: write, do not send yet."""
+        ...
+
+    def release(self) -> None:
+        """That read is delivered: send what it produced."""
+        ...
+
     def on_end(self) -> None:
         """The response is complete (the connection is back in the pool or closed)."""
         ...
@@ -118,9 +128,10 @@ class ResponseSink(Protocol):
         ...
 
 
-class PooledConnection(asyncio.Protocol):
+class PooledConnection:
     """One upstream connection: parses responses, buffers a body within the water marks,
-    or hands it straight to a ResponseSink."""
+    or hands it straight to a ResponseSink. An asyncio protocol by its methods, not a
+    subclass: see http1.ClientConnection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: PooledUpstream, origin: str) -> None:
         self.loop = self._loop = loop
@@ -129,6 +140,7 @@ class PooledConnection(asyncio.Protocol):
         self.sink: ResponseSink | None = None
         self._method = ""
         self._timer: asyncio.TimerHandle | None = None
+        self._timing = False  # an express exchange's read timeout applies
         self._timeout = 0.0
         self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
@@ -163,8 +175,21 @@ class PooledConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._received_any = True
-        if self._timer is not None:
+        if self._timing:
             self._last_data = self._loop.time()
+        sink = self.sink
+        if sink is not None:
+            # What this read makes the sink write goes out as one send once it is parsed,
+            # even if the exchange ends (and the sink is let go) within it.
+            sink.hold()
+            try:
+                self._feed(data)
+            finally:
+                sink.release()
+        else:
+            self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -193,6 +218,10 @@ class PooledConnection(asyncio.Protocol):
         if not self.complete and (self._head is not None or self.sink is not None):
             message = str(exc) if exc is not None else "the upstream closed the connection"
             self._fail(message, kind="reset")
+        self._timing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
 
@@ -346,15 +375,23 @@ class PooledConnection(asyncio.Protocol):
     def close(self) -> None:
         self.closed = True
         self.sink = None
-        self._stop_timer()
+        self._timing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
 
     def start_timer(self, seconds: float) -> None:
-        """The idle read timeout of an express exchange: no byte for `seconds` fails it."""
+        """The idle read timeout of an express exchange: no byte for `seconds` fails it.
+        A timer still pending from an earlier exchange on this connection is kept (it fires
+        no later than this one would, and re-arms itself): a pooled connection would
+        otherwise make and cancel a loop timer per request."""
         self._timeout = seconds
         self._last_data = self._loop.time()
-        self._timer = self._loop.call_later(seconds, self._check_idle)
+        self._timing = True
+        if self._timer is None:
+            self._timer = self._loop.call_later(seconds, self._check_idle)
 
     def pause_for_client(self) -> None:
         if self.transport is not None and not self.closed:
@@ -365,17 +402,18 @@ class PooledConnection(asyncio.Protocol):
             self.transport.resume_reading()
 
     def _check_idle(self) -> None:
+        self._timer = None
+        if not self._timing:
+            return  # the exchange ended; the connection may be idle in the pool
         idle = self._loop.time() - self._last_data
         if idle >= self._timeout:
-            self._timer = None
+            self._timing = False
             self._fail("did not answer in time", kind="timeout")
         else:
             self._timer = self._loop.call_later(self._timeout - idle, self._check_idle)
 
     def _stop_timer(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._timing = False  # a pending timer finds nothing to do (see _check_idle)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -432,16 +470,21 @@ class _Response:
         self.reason = connection.reason
         self.headers = connection.headers
 
-    async def chunks(self) -> AsyncIterator[bytes]:
-        connection = self._connection
-        while True:
-            try:
-                chunk = await connection.read(self._read_timeout)
-            except _Failure as failure:
-                raise _mid_body_error(failure, self._origin) from None
-            if not chunk:
-                return
-            yield chunk
+    def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives (an iterator class: mypyc compiles no async generator)."""
+        return self
+
+    def __aiter__(self) -> _Response:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            chunk = await self._connection.read(self._read_timeout)
+        except _Failure as failure:
+            raise _mid_body_error(failure, self._origin) from None
+        if not chunk:
+            raise StopAsyncIteration
+        return chunk
 
 
 class _Exchange:
@@ -510,7 +553,8 @@ def request_head(
         lines.append(f"{name}: {value}\r\n")
         if not sized and len(name) == 14 and name.lower() == "content-length":
             sized = True
-    chunked = isinstance(body, AsyncIterable) and not sized
+    # bytes or None first: an isinstance() against the AsyncIterable ABC costs a microsecond.
+    chunked = not sized and body is not None and not isinstance(body, bytes)
     if chunked:
         lines.append("Transfer-Encoding: chunked\r\n")
     elif isinstance(body, bytes) and not sized:
@@ -657,8 +701,8 @@ class PooledUpstream:
         tls = where.scheme == "https"
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, connection = await loop.create_connection(
-                    lambda: PooledConnection(loop, self, origin),
+                _, protocol = await loop.create_connection(
+                    lambda: cast(asyncio.Protocol, PooledConnection(loop, self, origin)),
                     where.host,
                     where.port,
                     ssl=self._ssl_context if tls else None,
@@ -678,5 +722,6 @@ class PooledUpstream:
         except OSError as exc:
             message = f"Cannot connect to upstream {origin}: {exc}"
             raise BadGateway(message, kind="connect") from None
+        connection = cast(PooledConnection, protocol)
         self._all.add(connection)
         return connection

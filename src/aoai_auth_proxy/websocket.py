@@ -27,7 +27,8 @@ from .forwarding import (
     upstream_request_headers,
     upstream_url,
 )
-from .logs import SESSION_STATS, SessionStats
+from .logs import SessionStats
+from .middlewares import SESSION_STATS
 
 log = logging.getLogger(__name__)
 

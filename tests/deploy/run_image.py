@@ -3,9 +3,10 @@
 `make check-deploy` runs this after `podman build` (it is not a pytest module: it needs root,
 podman and the image). Usage:
 
-    python tests/deploy/run_image.py IMAGE --compose BINARY --demo-compose FILE
+    python -m tests.deploy.run_image IMAGE --compose BINARY --demo-compose FILE
 
-1. The runtime image holds no compiler, pip, build backend or cache.
+1. The runtime image holds no compiler, pip, build backend or cache, and carries the modules
+   hatch_build.py compiles as compiled extensions.
 2. The proxy, as the README's `docker run` line starts it: only environment variables, the
    certificate directory mounted read-only, `--read-only --cap-drop ALL`, no new privileges,
    host networking on loopback (the CI machine has no bridge networking). It must turn ready,
@@ -36,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import hatch_build
 
 from aoai_auth_proxy.testing import (
     AzureOpenAIStandIn,
@@ -50,6 +52,7 @@ IMAGE_UID = 10001
 IMAGE_GID = 10001
 CERTS_IN_CONTAINER = "/app/certs"  # the README's `docker run -v ...:/app/certs:ro`
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
+
 READY_TIMEOUT = 60.0
 # Drain settings of the main run: `podman stop -t STOP_GRACE` must see the process exit by
 # itself (SIGKILL would show as exit code 137) well before the grace period ends.
@@ -262,9 +265,19 @@ async def stop(podman: Podman, name: str, grace: int) -> float:
 LEFTOVERS = """
 import importlib.util, pathlib, shutil
 tools = [t for t in ("gcc", "cc", "c++", "make", "git") if shutil.which(t)]
-modules = [m for m in ("pip", "setuptools", "hatchling", "wheel") if importlib.util.find_spec(m)]
+modules = [m for m in ("pip", "setuptools", "hatchling", "wheel", "mypy", "mypyc")
+           if importlib.util.find_spec(m)]
 paths = [p for p in ("/src", "/dist", "/opt/build", "/root/.cache") if pathlib.Path(p).exists()]
 print(" ".join(tools + modules + paths))
+"""
+
+
+# Run inside the image: which of the modules hatch_build.py compiles run as Python there.
+NOT_COMPILED = """
+import importlib, sys
+names = sys.argv[1:]
+print(" ".join(n for n in names
+               if not importlib.import_module("aoai_auth_proxy." + n).__file__.endswith(".so")))
 """
 
 
@@ -275,6 +288,10 @@ async def check_contents(podman: Podman, image: str) -> None:
     if found:
         raise CheckFailed(f"the runtime image still holds: {found}")
     passed("runtime image: no compiler, no pip or build backend in the venv, no caches")
+    _, pure = await podman.run("run", *options, image, "-c", NOT_COMPILED, *hatch_build.NATIVE)
+    if pure:
+        raise CheckFailed(f"the image runs these as Python, not compiled by mypyc: {pure}")
+    passed(f"runtime image: {', '.join(hatch_build.NATIVE)} compiled by mypyc")
 
 
 async def check_proxy(podman: Podman, http: aiohttp.ClientSession, image: str) -> None:
