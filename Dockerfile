@@ -29,10 +29,13 @@ COPY requirements.lock requirements-build.lock ./
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock \
     && python3 -m venv /opt/build \
+    && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock \
     && /opt/build/bin/pip install --require-hashes --only-binary=:all: -r requirements-build.lock
 
 # The wheel is built with the pinned hatchling and mypyc from a separate venv (/opt/build), so
 # the build tools never land in /opt/venv; --no-deps because every dependency is already in.
+# /opt/build holds the runtime dependencies too: mypyc compiles against their types, as the
+# tests' `make native` does.
 # AOAI_PROXY_REQUIRE_NATIVE: a failed compile fails the build instead of shipping pure Python.
 COPY pyproject.toml README.md hatch_build.py ./
 COPY src ./src
