@@ -87,9 +87,9 @@ class SoakConfig:
         """About 20 s for `make test`: a lighter load, tokens that live 8 s (so four or five
         are issued), and a looser RSS bound (see test_soak_short.py for why)."""
         return cls(
-            seconds=20.0,
+            seconds=24.0,
             token_lifetime=8.0,
-            warmup_fraction=0.3,
+            warmup_fraction=0.5,
             sample_every=1.0,
             rss_tolerance=0.15,
             workers={"chat": 1, "stream": 1, "upload": 1, "vanish": 1, "websocket": 1},
