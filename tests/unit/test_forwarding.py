@@ -9,6 +9,7 @@ from aoai_auth_proxy.forwarding import (
     client_response_headers,
     redact_target,
     upstream_request_headers,
+    upstream_request_id,
     upstream_url,
 )
 
@@ -164,3 +165,19 @@ def test_response_headers_keep_cookies_and_rate_limits_but_not_hop_by_hop() -> N
 def test_targets_that_are_not_origin_form_are_never_logged() -> None:
     assert redact_target("http://user:s3cret@evil.example/x?sig=abc") == "<non-origin-form target>"
     assert redact_target("evil.example:443") == "<non-origin-form target>"
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ([("X-Request-Id", "x1"), ("Apim-Request-Id", "a1")], "a1"),  # API Management's first
+        ([("x-request-id", "x1")], "x1"),
+        ([("apim-request-id", ""), ("x-request-id", "x1")], "x1"),  # an empty one is no id
+        ([("content-type", "application/json"), ("x-ms-region", "East US")], None),
+        ([("x-request-id", "x1"), ("x-request-id", "x2")], "x1"),
+    ],
+)
+def test_the_upstream_request_id_prefers_api_management(
+    headers: list[tuple[str, str]], expected: str | None
+) -> None:
+    assert upstream_request_id(headers) == expected
