@@ -105,7 +105,8 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
 
     Every other header keeps its order, letter case and repetitions.
     """
-    dropped = _DROPPED_UPSTREAM | connection_tokens(headers)
+    tokens = connection_tokens(headers)
+    dropped = _DROPPED_UPSTREAM | tokens if tokens else _DROPPED_UPSTREAM
     forwarded = [("Host", host)]
     forwarded += [(name, value) for name, value in headers if name.lower() not in dropped]
     forwarded.append(("Authorization", f"Bearer {token}"))
@@ -127,7 +128,8 @@ def upstream_request_id(headers: Headers) -> str | None:
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
-    dropped = HOP_BY_HOP | connection_tokens(headers)
+    tokens = connection_tokens(headers)
+    dropped = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP  # no new set per response
     return [(name, value) for name, value in headers if name.lower() not in dropped]
 
 

@@ -936,6 +936,9 @@ class _Express:
         except ConnectionError:
             self._cut("client_gone")
             return
+        # The answer goes out now, before its metrics and access line: the client need not
+        # wait for the bookkeeping (latency at one connection, issue 8).
+        self._client.flush()
         self._finish(self.response.status, keep_alive=self.response.keep_alive)
 
     def on_error(self, error: ProxyError, *, retry: bool) -> None:
