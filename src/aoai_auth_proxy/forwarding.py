@@ -105,8 +105,7 @@ def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list
 
     Every other header keeps its order, letter case and repetitions.
     """
-    tokens = connection_tokens(headers)
-    dropped = _DROPPED_UPSTREAM | tokens if tokens else _DROPPED_UPSTREAM
+    dropped = _dropped(_DROPPED_UPSTREAM, headers)
     forwarded = [("Host", host)]
     forwarded += [(name, value) for name, value in headers if name.lower() not in dropped]
     forwarded.append(("Authorization", f"Bearer {token}"))
@@ -128,9 +127,15 @@ def upstream_request_id(headers: Headers) -> str | None:
 
 def client_response_headers(headers: Headers) -> list[tuple[str, str]]:
     """Upstream response headers as sent to the client: only hop-by-hop ones dropped."""
-    tokens = connection_tokens(headers)
-    dropped = HOP_BY_HOP | tokens if tokens else HOP_BY_HOP  # no new set per response
+    dropped = _dropped(HOP_BY_HOP, headers)
     return [(name, value) for name, value in headers if name.lower() not in dropped]
+
+
+def _dropped(always: frozenset[str], headers: Headers) -> frozenset[str]:
+    """`always` and the options the Connection header names (no new set when it names none,
+    which is every message on the hot path)."""
+    tokens = connection_tokens(headers)
+    return always | tokens if tokens else always
 
 
 _DROPPED_UPSTREAM = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY

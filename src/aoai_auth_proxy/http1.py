@@ -809,7 +809,7 @@ class ClientConnection:
         if self._transport.is_closing():
             return  # an answer was under way and has been cut
         self.flush()
-        self._transport.write(_error_bytes(error, close=True))
+        self._transport.write(_refusal_bytes(error))
         self._transport.close()
 
     def log_error(self, request: _Request, exc: ProxyError) -> None:
@@ -1128,12 +1128,7 @@ class _Response:
         *,
         extra: Sequence[tuple[str, str]] = (),
     ) -> None:
-        lines = [
-            f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\n",
-            f"Content-Type: {content_type}\r\n",
-            f"Content-Length: {len(body)}\r\n",
-            *(f"{name}: {value}\r\n" for name, value in extra),
-        ]
+        lines = _whole_head(status, content_type, len(body), extra)
         self._finish_head(lines)
         self.status = status
         head = "".join(lines).encode("latin-1")
@@ -1156,15 +1151,24 @@ class _Response:
         self.bytes_out += len(data)
 
 
-def _error_bytes(error: ProxyError, *, close: bool) -> bytes:
+def _whole_head(
+    status: int, content_type: str, length: int, extra: Sequence[tuple[str, str]] = ()
+) -> list[str]:
+    """The head lines of an answer the proxy writes itself, up to its connection lines."""
+    return [
+        f"HTTP/1.1 {status} {_PHRASES.get(status, '')}\r\n",
+        f"Content-Type: {content_type}\r\n",
+        f"Content-Length: {length}\r\n",
+        *(f"{name}: {value}\r\n" for name, value in extra),
+    ]
+
+
+def _refusal_bytes(error: ProxyError) -> bytes:
+    """The answer to a request that could not be parsed: the connection closes after it."""
     body = error.error_body()
-    head = (
-        f"HTTP/1.1 {error.status} {_PHRASES.get(error.status, '')}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        + ("Connection: close\r\n" if close else "")
-        + "\r\n"
-    )
-    return head.encode("latin-1") + body
+    lines = _whole_head(error.status, "application/json", len(body))
+    lines += ["Connection: close\r\n", "\r\n"]
+    return "".join(lines).encode("latin-1") + body
 
 
 def _json(body: dict[str, Any]) -> bytes:

@@ -218,10 +218,7 @@ class PooledConnection:
         if not self.complete and (self._head is not None or self.sink is not None):
             message = str(exc) if exc is not None else "the upstream closed the connection"
             self._fail(message, kind="reset")
-        self._timing = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._drop_timer()
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
 
@@ -375,10 +372,7 @@ class PooledConnection:
     def close(self) -> None:
         self.closed = True
         self.sink = None
-        self._timing = False
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._drop_timer()
         if self.transport is not None:
             self.transport.abort()
 
@@ -414,6 +408,13 @@ class PooledConnection:
 
     def _stop_timer(self) -> None:
         self._timing = False  # a pending timer finds nothing to do (see _check_idle)
+
+    def _drop_timer(self) -> None:
+        """The connection is done with: no timer is left pending for it."""
+        self._timing = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     # -- internals --------------------------------------------------------------------------
 
