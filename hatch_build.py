@@ -36,6 +36,7 @@ NATIVE = (
     "lifecycle",
     "logs",
     "metrics",
+    "readbuffer",
     "upstream",
 )
 # mypy's cache for these compiles (under the project's own .mypy_cache, ignored by git).

@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import aiohttp
 import pytest
 import pytest_asyncio
+import uvloop
 from aiohttp import web
 
 import aoai_auth_proxy
@@ -49,6 +50,22 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             raise pytest.UsageError(
                 f"{source} changed after it was compiled: run `make native` (or `make pure`)"
             )
+
+
+# The event loops the in-process tests run on. Every test runs on uvloop, as `serve` does
+# (cli._run). The modules that pin the relay's edges at the socket run on asyncio's own loop
+# as well: its transports hand reads to data_received, where uvloop's fill the connection's
+# read buffer (get_buffer/buffer_updated, readbuffer.py), so both ways in stay tested.
+BOTH_LOOPS = frozenset({"test_framing", "test_relay_edges", "test_hostile", "test_faults"})
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    module = item.nodeid.partition("::")[0].rpartition("/")[2].removesuffix(".py")
+    if module in BOTH_LOOPS:
+        return {"uvloop": uvloop.new_event_loop, "asyncio": asyncio.new_event_loop}
+    return {"uvloop": uvloop.new_event_loop}
 
 
 # LiteLLM downloads a model price map at import time unless told to use its bundled copy;

@@ -59,6 +59,7 @@ from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_proble
 from .lifecycle import Lifecycle
 from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
 from .metrics import Metrics
+from .readbuffer import ReadBuffer
 from .relay import Upstream, forward
 from .upstream import PooledConnection, PooledUpstream
 
@@ -251,6 +252,7 @@ class Frontend:
         self.access_log = access_log
         self.connections: set[ClientConnection] = set()
         self.closing = False
+        self.reads = ReadBuffer()
 
     def connection(self) -> asyncio.Protocol:
         """A new connection's protocol (see ClientConnection on why the cast holds)."""
@@ -280,6 +282,8 @@ class ClientConnection:
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
+        self._reads = frontend.reads
+        self._read_view = memoryview(b"")
         self._parsing: _Request | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -306,7 +310,21 @@ class ClientConnection:
         self._frontend.connections.add(self)
         self._arm_idle_timer()
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view = self._reads.lend()
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reads = self._reads
+        parsing, reads.parsing = reads.parsing, True
+        try:
+            self.data_received(self._read_view[:nbytes])
+        finally:
+            reads.parsing = parsing
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        # uvloop reads through get_buffer/buffer_updated; asyncio's own loop, which only
+        # recognises subclasses of asyncio.BufferedProtocol, calls this with bytes.
         if self._refusal is not None or self._pending_upgrade is not None:
             return  # nothing after a refused request or an upgrade head is read as HTTP
         try:
@@ -317,7 +335,7 @@ class ClientConnection:
             if request is None:
                 self._refuse(BadFraming("Malformed upgrade request"))
                 return
-            self._pending_upgrade = (request, data[upgrade.args[0] :])
+            self._pending_upgrade = (request, bytes(data[upgrade.args[0] :]))
             self.pause_reading("upgrade")
             if not self._busy:
                 self._next()  # else once the answer in progress is out

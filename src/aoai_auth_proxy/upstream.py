@@ -33,6 +33,7 @@ import httptools
 from mypy_extensions import mypyc_attr
 
 from .errors import BadGateway, GatewayTimeout, ProxyError
+from .readbuffer import ReadBuffer
 from .relay import UpstreamRequest
 
 # The limits aiohttp's client applied before (and tests/integration/test_faults.py pins):
@@ -145,6 +146,8 @@ class PooledConnection:
         self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
+        self._reads = pool.reads
+        self._read_view = memoryview(b"")
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
@@ -173,7 +176,21 @@ class PooledConnection:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
         self.transport = cast(asyncio.Transport, transport)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view = self._reads.lend()
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reads = self._reads
+        parsing, reads.parsing = reads.parsing, True
+        try:
+            self.data_received(self._read_view[:nbytes])
+        finally:
+            reads.parsing = parsing
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        # As http1.ClientConnection: uvloop reads through get_buffer/buffer_updated (its TLS
+        # transport too: SSLObject.read() decrypts into the buffer), asyncio's loop calls this.
         self._received_any = True
         if self._timing:
             self._last_data = self._loop.time()
@@ -189,7 +206,7 @@ class PooledConnection:
         else:
             self._feed(data)
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -624,6 +641,7 @@ class PooledUpstream:
         self._idle_seconds = idle_seconds
         self._idle: dict[str, list[PooledConnection]] = {}
         self._all: set[PooledConnection] = set()
+        self.reads = ReadBuffer()
 
     async def start(self) -> None:
         return None

@@ -624,6 +624,37 @@ async def test_request_bodies_reach_the_upstream_byte_for_byte(
     assert seen.body == body
 
 
+async def test_concurrent_bodies_both_ways_stay_apart_and_intact(
+    make_proxy: ProxyFactory, upstream: RawUpstream
+) -> None:
+    # Under uvloop every client connection reads into one shared buffer, and every upstream
+    # connection into another (readbuffer.py): reads of eight connections interleave there.
+    upstream.respond = echo
+    url = await proxied(make_proxy, upstream)
+    bodies = [hashlib.sha512(b"%d" % n).digest() * (MIB // 64 + 7 * n) for n in range(8)]
+
+    async def round_trip(n: int) -> Response:
+        path = b"/up/%d" % n
+        client = await Client.connect(url)
+        try:
+            # sent in slices, so reads of all the connections alternate in the proxy
+            head, body = post(path, bodies[n]).split(b"\r\n\r\n", 1)
+            await client.send(head + b"\r\n\r\n")
+            for start in range(0, len(body), 100 * KIB):
+                await client.send(body[start : start + 100 * KIB])
+                await asyncio.sleep(0)
+            return await client.read_response()
+        finally:
+            await client.close()
+
+    async with asyncio.timeout(TIMEOUT * 4):
+        responses = await asyncio.gather(*(round_trip(n) for n in range(8)))
+    for n, response in enumerate(responses):
+        assert response.status == 200
+        assert response.body == b"POST /up/%d HTTP/1.1\n" % n + bodies[n]
+    assert sorted(seen.body for seen in upstream.requests) == sorted(bodies)
+
+
 # -- Expect: 100-continue with a large body --------------------------------------------------------
 
 
