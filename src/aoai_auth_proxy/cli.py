@@ -92,13 +92,14 @@ TRIM_INTERVAL_SECONDS = 1.0
 def heap_trimmer() -> Callable[[int], int] | None:
     """glibc's malloc_trim(3), or None off glibc (musl, macOS).
 
-    Why: bodies of a few MB pass through the heap in read buffers of up to 256 KiB, and glibc
-    keeps what is freed in the middle of its heap. After a 90-second soak (tests/soak) the
-    proxy's quiet-point RSS was 113 MB without this and 88 MB with it; malloc_trim returns
-    free pages anywhere in the heap (madvise), and once a second it costs about 12 us when
-    there is nothing to return. A fixed mmap threshold (mallopt M_MMAP_THRESHOLD 128 KiB)
-    kept it at 86 MB but made every TLS read an mmap, mremap and munmap (uvloop asks
-    SSLObject.read() for 256 KiB): HTTPS throughput fell from 0.56x to 0.43x nginx."""
+    Why: bodies of a few MB pass through the heap, in pieces of up to 64 KiB (readbuffer.py)
+    and in whatever a transport queues for a slow peer, and glibc keeps what is freed in the
+    middle of its heap. malloc_trim returns free pages anywhere in the heap (madvise); once a
+    second it costs about 12 us when there is nothing to return. Measured when reads still
+    came as objects of up to 256 KiB: after a 90-second soak (tests/soak) the quiet-point
+    RSS was 113 MB without this and 88 MB with it; a fixed mmap threshold (mallopt
+    M_MMAP_THRESHOLD 128 KiB) kept it at 86 MB but made every TLS read an mmap, mremap and
+    munmap: HTTPS throughput fell from 0.56x to 0.43x nginx."""
     import ctypes  # only here: 0.4 MB, for one function
 
     trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
