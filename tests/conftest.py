@@ -56,7 +56,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # (cli._run). The modules that pin the relay's edges at the socket run on asyncio's own loop
 # as well: its transports hand reads to data_received, where uvloop's fill the connection's
 # read buffer (get_buffer/buffer_updated, readbuffer.py), so both ways in stay tested.
-BOTH_LOOPS = frozenset({"test_framing", "test_relay_edges", "test_hostile", "test_faults"})
+BOTH_LOOPS = frozenset(
+    {"test_framing", "test_relay_edges", "test_hostile", "test_faults", "test_websocket"}
+)
 
 
 def pytest_asyncio_loop_factories(

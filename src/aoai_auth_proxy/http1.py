@@ -793,12 +793,14 @@ class ClientConnection:
         )
         head += b"".join(b"%s: %s\r\n" % field for field in request.headers) + b"\r\n"
         self.flush()
+        # Not reading while the protocol changes: uvloop chooses how reads arrive (into our
+        # read buffer, or as bytes for aiohttp's handler) when reading starts.
+        transport.pause_reading()
         handler = self._frontend.hand_over()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        if self._paused_by:
-            self._paused_by.clear()
-            transport.resume_reading()
+        self._paused_by.clear()
+        transport.resume_reading()
         handler.data_received(head + tail)
 
     def _refuse(self, error: ProxyError) -> None:

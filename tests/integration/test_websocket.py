@@ -12,6 +12,7 @@ import pytest
 from aiohttp import WSMsgType, web
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.frames import Frame, Opcode
 from websockets.typing import Subprotocol
 
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, EntraStandIn
@@ -114,6 +115,27 @@ async def test_text_binary_and_a_1_mb_frame_are_relayed_in_order(proxy: RunningP
         assert await ws.recv() == "three"
         pong = await ws.ping()
         await asyncio.wait_for(pong, 2)  # pings are answered hop by hop
+
+
+async def test_a_frame_sent_with_the_handshake_is_relayed(proxy: RunningProxy) -> None:
+    # The upgrade request and the first frame in one write: the frame is read with the head by
+    # the proxy port's own parser, and must reach aiohttp's WebSocket handler after it.
+    frame = Frame(Opcode.TEXT, b"early").serialize(mask=True, extensions=[])
+    host, port = proxy.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(
+            b"GET /openai/realtime?api-version=1&deployment=d HTTP/1.1\r\nHost: localhost\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n" + frame
+        )
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            echoed = await reader.readexactly(7)
+    finally:
+        writer.close()
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert echoed == b"\x81\x05early"  # FIN + text, unmasked, 5 bytes (RFC 6455 5.2)
 
 
 async def test_a_close_from_the_client_reaches_the_upstream_with_its_code(
