@@ -68,6 +68,13 @@ def upstream_url(base_url: str, raw_target: str) -> str:
 
 def strip_credential_parameters(query: str) -> str:
     """Remove `api-key=` parameters (any letter case), keep every other byte of the query."""
+    if "%" not in query:
+        # Nothing percent-encoded: a parameter can only be named api-key if the query says
+        # so. The usual query (api-version=...) is kept without splitting it; this runs twice
+        # per request (the upstream URL, the access line).
+        lowered = query.lower()
+        if not any(name in lowered for name in CREDENTIAL_QUERY_PARAMETERS):
+            return query
     kept = [
         part
         for part in query.split("&")

@@ -116,10 +116,11 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if self._size >= self._max_bytes:
                 self._write()
 
-    def access(self, message: str, fields: dict[str, Any]) -> None:
+    def access(self, message: str, fields: dict[str, Any] | None) -> None:
         """One access line, formatted here as the configured formatter would format its
         record (TEXT_FORMAT or JsonFormatter) without building a LogRecord: logging's record,
-        caller lookup and formatter cost more than the rest of a relayed request."""
+        caller lookup and formatter cost more than the rest of a relayed request. `fields`
+        (the JSON keys) may be None for text lines."""
         now = time.time()
         second = int(now)
         millis = int((now - second) * 1000)
@@ -130,18 +131,25 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 "logger": ACCESS_LOGGER,
                 "message": message,
             }
-            entry.update(fields)
+            if fields is not None:
+                entry.update(fields)
             line = json.dumps(entry, separators=(",", ":")) + "\n"
         else:
             if second != self._second:
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             line = f"{self._stamp},{millis:03d} INFO {ACCESS_LOGGER}: {message}\n"
-        with self.lock or contextlib.nullcontext():
+        lock = self.lock
+        if lock is not None:
+            lock.acquire()
+        try:
             self._lines.append(line)
             self._size += len(line)
             if self._size >= self._max_bytes:
                 self._write()
+        finally:
+            if lock is not None:
+                lock.release()
 
     def flush(self) -> None:
         with self.lock or contextlib.nullcontext():
@@ -219,56 +227,71 @@ def access_line(
     """method, path (credentials removed), status, bytes, duration, upstream timing and id."""
     if not logger.isEnabledFor(logging.INFO):
         return
-    # Built directly rather than from a dict and a join: it runs for every request.
+    # Built directly rather than from a dict and a join: it runs for every request. The
+    # JSON keys are built only for a JSON line (or a logger set up other than by
+    # configure_logging), and milliseconds are written from whole tenths: a float's repr
+    # goes through dtoa, a measurable part of the line.
     path = redact_target(raw_target)
-    duration_ms = _tenths_ms(seconds)
-    text = f"status={status} bytes_in={bytes_in}"
-    if bytes_out is not None:
-        text += f" bytes_out={bytes_out}"
-    text += f" duration_ms={duration_ms}"
-    fields: dict[str, Any] = {
-        "method": method,
-        "path": path,
-        "status": status,
-        "bytes_in": bytes_in,
-        "bytes_out": bytes_out,
-        "duration_ms": duration_ms,
-        "upstream_ttfb_ms": None,
-        "upstream_request_id": None,
-    }
-    if upstream is not None:
-        if upstream.ttfb is not None:
-            fields["upstream_ttfb_ms"] = ttfb_ms = _tenths_ms(upstream.ttfb)
-            text += f" upstream_ttfb_ms={ttfb_ms}"
-        if upstream.request_id is not None:
-            fields["upstream_request_id"] = upstream.request_id
-            text += f" upstream_request_id={upstream.request_id}"
-        if upstream.aborted:
-            fields["aborted"] = upstream.aborted
-            text += f" aborted={upstream.aborted}"
-        if upstream.replayed:
-            fields["replayed"] = True
-            text += " replayed=True"
-    if session is not None:
-        fields["frames_in"] = session.frames_in
-        fields["frames_out"] = session.frames_out
-        fields["close_code"] = session.close_code
-        text += f" frames_in={session.frames_in} frames_out={session.frames_out}"
-        if session.close_code is not None:
-            text += f" close_code={session.close_code}"
     handlers = logger.handlers
+    buffered: BufferedAccessHandler | None = None
     if (
         len(handlers) == 1
         and type(handlers[0]) is BufferedAccessHandler
         and not logger.filters
         and not handlers[0].filters
     ):
-        handlers[0].access(f"{method} {path} {text}", fields)  # as configure_logging set it up
+        buffered = handlers[0]  # as configure_logging set it up
+    keyed = buffered is None or buffered.json_lines
+    duration = _tenths(seconds)
+    text = f"status={status} bytes_in={bytes_in}"
+    if bytes_out is not None:
+        text += f" bytes_out={bytes_out}"
+    text += f" duration_ms={duration // 10}.{duration % 10}"
+    fields: dict[str, Any] | None = None
+    if keyed:
+        fields = {
+            "method": method,
+            "path": path,
+            "status": status,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            "duration_ms": duration / 10,
+            "upstream_ttfb_ms": None,
+            "upstream_request_id": None,
+        }
+    if upstream is not None:
+        if upstream.ttfb is not None:
+            ttfb = _tenths(upstream.ttfb)
+            text += f" upstream_ttfb_ms={ttfb // 10}.{ttfb % 10}"
+            if fields is not None:
+                fields["upstream_ttfb_ms"] = ttfb / 10
+        if upstream.request_id is not None:
+            text += f" upstream_request_id={upstream.request_id}"
+            if fields is not None:
+                fields["upstream_request_id"] = upstream.request_id
+        if upstream.aborted:
+            text += f" aborted={upstream.aborted}"
+            if fields is not None:
+                fields["aborted"] = upstream.aborted
+        if upstream.replayed:
+            text += " replayed=True"
+            if fields is not None:
+                fields["replayed"] = True
+    if session is not None:
+        text += f" frames_in={session.frames_in} frames_out={session.frames_out}"
+        if session.close_code is not None:
+            text += f" close_code={session.close_code}"
+        if fields is not None:
+            fields["frames_in"] = session.frames_in
+            fields["frames_out"] = session.frames_out
+            fields["close_code"] = session.close_code
+    if buffered is not None:
+        buffered.access(f"{method} {path} {text}", fields)
         return
     logger.info("%s %s %s", method, path, text, extra={"access": fields})
 
 
-def _tenths_ms(seconds: float) -> float:
-    """Milliseconds to 0.1 (half up): round(x, 1) goes through a decimal string, which was a
-    measurable part of each request's access line."""
-    return int(seconds * 10_000 + 0.5) / 10
+def _tenths(seconds: float) -> int:
+    """Whole tenths of a millisecond, rounded half up (round(x, 1) goes through a decimal
+    string, which was a measurable part of each request's access line)."""
+    return int(seconds * 10_000 + 0.5)

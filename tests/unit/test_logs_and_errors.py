@@ -110,3 +110,30 @@ def test_the_buffered_access_line_reads_exactly_as_the_logging_formatter_writes_
         assert fast_line[23:] == slow_line[23:]
         assert fast_line[19] == ","
         assert fast_line[20:23].isdigit()
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.00004, 0.00005, 0.0456, 0.1, 1.0, 12.34567, 3600.0])
+def test_milliseconds_in_a_text_line_read_as_the_json_number(seconds: float) -> None:
+    # Text lines write whole tenths as digits; JSON lines carry the float: both say the same.
+    logger = logging.getLogger("test-access-ms")
+    logger.propagate = False
+    logger.setLevel(logging.INFO)
+    lines = {}
+    for json_lines in (False, True):
+        handler = BufferedAccessHandler(json_lines=json_lines)
+        handler.setStream(stream := io.StringIO())
+        logger.handlers[:] = [handler]
+        timing = UpstreamTiming(ttfb=seconds / 2)
+        try:
+            access_line(
+                logger, "GET", "/x", 200, bytes_in=0, bytes_out=0, seconds=seconds, upstream=timing
+            )
+            handler.flush()
+        finally:
+            handler.close()
+            logger.handlers[:] = []
+        lines[json_lines] = stream.getvalue()
+    entry = json.loads(lines[True])
+    assert f"duration_ms={entry['duration_ms']!r} " in lines[False]
+    assert f"upstream_ttfb_ms={entry['upstream_ttfb_ms']!r}\n" in lines[False]
+    assert entry["duration_ms"] == int(seconds * 10_000 + 0.5) / 10
