@@ -9,9 +9,9 @@ The criteria, each a line of the report (`SoakReport.failures()` lists the ones 
 - the tokens Entra issued are the fetches the proxy counted, as many as the refresh schedule
   allows (50-75% of a token's life), and none failed;
 - every upstream request of a vanished client was cancelled;
-- between the end of the warm-up and the end, measured with the load paused, the proxy's RSS
-  grew less than `rss_tolerance` and its file descriptors, open connections apart, less than
-  `fd_tolerance`; its open connections stayed within the load's concurrency;
+- between the end of the warm-up and the end, measured with the load paused (QUIET_SAMPLES),
+  the proxy's RSS grew less than `rss_tolerance` and its file descriptors, open connections
+  apart, less than `fd_tolerance`; its open connections stayed within the load's concurrency;
 - the proxy logged no ERROR and no traceback, and exited 0 on SIGTERM.
 
 Everything is bounded: each worker stops at the deadline, each operation has a timeout, and the
@@ -57,6 +57,12 @@ OPERATION_TIMEOUT_SECONDS = 60.0
 # close the connections the load left.
 QUIET_DRAIN_SECONDS = 60.0
 QUIET_SETTLE_SECONDS = 1.5
+# A quiet point's figures: the sample with the lowest RSS of a few taken over two seconds.
+# The proxy gives freed heap pages back once a second (cli.heap_trimmer), and a single sample
+# could come just before it did: one 300 s run measured +11.2% that way, with no trend in its
+# samples under load. A leak raises every sample, the lowest too.
+QUIET_SAMPLES = 5
+QUIET_SAMPLE_EVERY = 0.5
 # Added to the run's duration for start-up and shutdown, as the run's overall bound.
 OVERHEAD_SECONDS = 120.0
 UPLOAD_BUFFER = os.urandom(5_000_000)
@@ -509,6 +515,14 @@ def _sample(process: psutil.Process, started: float) -> Sample:
     )
 
 
+async def _quiet_sample(process: psutil.Process, started: float) -> Sample:
+    samples = [_sample(process, started)]
+    for _ in range(QUIET_SAMPLES - 1):
+        await asyncio.sleep(QUIET_SAMPLE_EVERY)
+        samples.append(_sample(process, started))
+    return min(samples, key=lambda sample: sample.rss)
+
+
 async def _token_metrics(url: str) -> tuple[int, int]:
     """Successful and failed token fetches, as the proxy's /metrics counts them."""
     async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as response:
@@ -617,13 +631,13 @@ async def _drive(
         workers = asyncio.create_task(load.run_workers(loop.time() + config.seconds))
         await asyncio.sleep(config.warmup)
         await load.quiet()
-        warm = _sample(process, started)
+        warm = await _quiet_sample(process, started)
         samples.append(warm)
         progress(f"warm-up over: RSS {_mib(warm.rss)}, fds {warm.fds}")
         load.resume()
         await workers
         await load.quiet()
-        end = _sample(process, started)
+        end = await _quiet_sample(process, started)
         elapsed = time.monotonic() - first_token
         success, failure = await _token_metrics(url)
     finally:
