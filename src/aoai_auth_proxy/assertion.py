@@ -6,7 +6,6 @@ import base64
 import hashlib
 import uuid
 
-import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -46,6 +45,8 @@ def certificate_assertion(
         "nbf": int(now),
         "exp": int(now) + ASSERTION_LIFETIME_SECONDS,
     }
+    import jwt  # here: only subject-name/issuer apps sign, and PyJWT is 0.4 MB at rest
+
     return jwt.encode(claims, certificate.private_key, algorithm="PS256", headers=header)
 
 
