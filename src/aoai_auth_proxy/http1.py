@@ -59,7 +59,7 @@ from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_proble
 from .lifecycle import Lifecycle
 from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
 from .metrics import Metrics
-from .readbuffer import ReadBuffer
+from .readbuffer import ReadBuffer, ReadsIntoBuffer
 from .relay import Upstream, forward
 from .upstream import PooledConnection, PooledUpstream
 
@@ -269,21 +269,21 @@ class Frontend:
             connection.abort()
 
 
-class ClientConnection:
+class ClientConnection(ReadsIntoBuffer):
     """One client connection: requests in order (pipelined ones wait their turn), each
     relayed by a task of its own that the connection cancels if the client goes away.
 
     An asyncio protocol by its methods, not by subclassing asyncio.Protocol: compiled by
     mypyc (hatch_build.py), a class with a Python base would get weak references its
-    deallocation does not clear. The event loop only ever calls these methods by name."""
+    deallocation does not clear. The event loop only ever calls these methods by name; reads
+    arrive through ReadsIntoBuffer (readbuffer.py)."""
 
     def __init__(self, frontend: Frontend) -> None:
+        super().__init__(frontend.reads)
         self._frontend = frontend
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
-        self._reads = frontend.reads
-        self._read_view = memoryview(b"")
         self._parsing: _Request | None = None
         self._queue: collections.deque[_Request] = collections.deque()
         self._task: asyncio.Task[None] | None = None
@@ -310,21 +310,7 @@ class ClientConnection:
         self._frontend.connections.add(self)
         self._arm_idle_timer()
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        view = self._read_view = self._reads.lend()
-        return view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        reads = self._reads
-        parsing, reads.parsing = reads.parsing, True
-        try:
-            self.data_received(self._read_view[:nbytes])
-        finally:
-            reads.parsing = parsing
-
     def data_received(self, data: bytes | memoryview) -> None:
-        # uvloop reads through get_buffer/buffer_updated; asyncio's own loop, which only
-        # recognises subclasses of asyncio.BufferedProtocol, calls this with bytes.
         if self._refusal is not None or self._pending_upgrade is not None:
             return  # nothing after a refused request or an upgrade head is read as HTTP
         try:

@@ -32,3 +32,29 @@ class ReadBuffer:
         if self.parsing:
             return memoryview(bytearray(len(self._shared)))
         return self._shared
+
+
+class ReadsIntoBuffer:
+    """asyncio.BufferedProtocol's two methods over a ReadBuffer, for a protocol whose
+    data_received parses what it is given before it returns. uvloop calls these (it finds
+    get_buffer); asyncio's own loop, which only recognises subclasses of
+    asyncio.BufferedProtocol, calls data_received with bytes."""
+
+    def __init__(self, reads: ReadBuffer) -> None:
+        self._reads = reads
+        self._read_view = memoryview(b"")
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        view = self._read_view = self._reads.lend()
+        return view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        reads = self._reads
+        parsing, reads.parsing = reads.parsing, True
+        try:
+            self.data_received(self._read_view[:nbytes])
+        finally:
+            reads.parsing = parsing
+
+    def data_received(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError

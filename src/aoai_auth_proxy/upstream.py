@@ -33,7 +33,7 @@ import httptools
 from mypy_extensions import mypyc_attr
 
 from .errors import BadGateway, GatewayTimeout, ProxyError
-from .readbuffer import ReadBuffer
+from .readbuffer import ReadBuffer, ReadsIntoBuffer
 from .relay import UpstreamRequest
 
 # The limits aiohttp's client applied before (and tests/integration/test_faults.py pins):
@@ -129,12 +129,13 @@ class ResponseSink(Protocol):
         ...
 
 
-class PooledConnection:
+class PooledConnection(ReadsIntoBuffer):
     """One upstream connection: parses responses, buffers a body within the water marks,
     or hands it straight to a ResponseSink. An asyncio protocol by its methods, not a
     subclass: see http1.ClientConnection."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: PooledUpstream, origin: str) -> None:
+        super().__init__(pool.reads)
         self.loop = self._loop = loop
         self._pool = pool
         self.origin = origin
@@ -146,8 +147,6 @@ class PooledConnection:
         self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._reads = pool.reads
-        self._read_view = memoryview(b"")
         self.closed = False
         self.idle_since = 0.0
         self.reused = False
@@ -176,21 +175,9 @@ class PooledConnection:
         # uvloop's TLS transport is not an asyncio.Transport subclass, but has its methods.
         self.transport = cast(asyncio.Transport, transport)
 
-    def get_buffer(self, sizehint: int) -> memoryview:
-        view = self._read_view = self._reads.lend()
-        return view
-
-    def buffer_updated(self, nbytes: int) -> None:
-        reads = self._reads
-        parsing, reads.parsing = reads.parsing, True
-        try:
-            self.data_received(self._read_view[:nbytes])
-        finally:
-            reads.parsing = parsing
-
     def data_received(self, data: bytes | memoryview) -> None:
-        # As http1.ClientConnection: uvloop reads through get_buffer/buffer_updated (its TLS
-        # transport too: SSLObject.read() decrypts into the buffer), asyncio's loop calls this.
+        # uvloop's TLS transport reads through ReadsIntoBuffer too: SSLObject.read() decrypts
+        # into the buffer.
         self._received_any = True
         if self._timing:
             self._last_data = self._loop.time()
