@@ -15,7 +15,7 @@ class ReadBuffer:
     Why: without it uvloop copies each read into a new bytes object of up to 256 KiB (and its
     TLS transport asks for 256 KiB per SSLObject.read). Bodies of a few MB then pass through
     glibc's heap in 128-256 KiB blocks, which it keeps once freed: under `make soak`'s load
-    the proxy's RSS swung between 82 and 107 MiB with no trend; 73 to 88 MiB with this
+    the proxy's RSS swung between 82 and 107 MiB with no trend; 70 to 88 MiB with this
     buffer, whose reads also cost the relay less (README "Performance").
 
     A connection parses what it read before it returns to the loop (llhttp hands on copies of
