@@ -17,6 +17,9 @@ from mypy_extensions import mypyc_attr
 from .forwarding import redact_target
 
 ACCESS_LOGGER = "aoai_auth_proxy.access"
+# "000" to "999": a format spec in an f-string goes through str.format, which parses it anew
+# for every access line.
+_MILLIS = tuple(f"{n:03d}" for n in range(1000))
 # NOT_NATIVE: this module is compiled by mypyc (hatch_build.py). A compiled class with a
 # Python base (logging's, or an exception) would be a native class whose deallocation leaves
 # weak references dangling (a crash when the collector next runs; mypy 2.4.1), and logging
@@ -126,7 +129,8 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         millis = int((now - second) * 1000)
         if self.json_lines:
             entry: dict[str, Any] = {
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)) + f".{millis:03d}Z",
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+                + f".{_MILLIS[millis]}Z",
                 "level": "info",
                 "logger": ACCESS_LOGGER,
                 "message": message,
@@ -138,7 +142,7 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if second != self._second:
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-            line = f"{self._stamp},{millis:03d} INFO {ACCESS_LOGGER}: {message}\n"
+            line = f"{self._stamp},{_MILLIS[millis]} INFO {ACCESS_LOGGER}: {message}\n"
         lock = self.lock
         if lock is not None:
             lock.acquire()
