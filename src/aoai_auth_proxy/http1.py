@@ -83,6 +83,7 @@ METRICS_PATH = "/metrics"
 # Fields a request may carry once (RFC 9110 5.3: a repeat of these cannot be combined); a
 # second Host in particular lets two parsers disagree on where a request goes.
 _SINGLETONS = frozenset({b"host", b"content-length", b"content-type", b"transfer-encoding"})
+_FRAMING_LENGTHS = frozenset(len(name) for name in (*_SINGLETONS, b"upgrade", b"expect"))
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -405,6 +406,8 @@ class ClientConnection(ReadsIntoBuffer):
         request.upgrade = parser.should_upgrade()
         seen: set[bytes] = set()
         for name, value in request.headers:
+            if len(name) not in _FRAMING_LENGTHS:
+                continue  # none of the names below: not lower-cased (most names are not)
             lowered = name.lower()
             if lowered in _SINGLETONS:
                 if lowered in seen:
@@ -1062,10 +1065,10 @@ class _Response:
                 raise BadGateway(
                     f"Upstream sent a header the proxy cannot relay: {name!r}", kind="protocol"
                 )
-            lowered = name.lower()
-            if lowered == "content-length":
+            size = len(name)  # only a name of their length is lower-cased: most are not
+            if size == 14 and name.lower() == "content-length":
                 sized = True
-            elif lowered == "content-type":
+            elif size == 12 and name.lower() == "content-type":
                 self.event_stream = value.startswith("text/event-stream")
             lines.append(f"{name}: {value}\r\n")
         request = self._request

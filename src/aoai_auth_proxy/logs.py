@@ -85,45 +85,36 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
-@mypyc_attr(native_class=False)  # see NOT_NATIVE
-class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Access lines written in blocks, as nginx's `access_log ... buffer=64k flush=1s`: one
-    write per 64 KiB or per second instead of one per request. Flushed at exit
-    (logging.shutdown), so a stopped proxy's log is complete; other lines are not delayed."""
+class AccessLines:
+    """The lines a BufferedAccessHandler holds until its next write. A native class (its
+    fields are C struct members, read for every relayed request), with a lock of its own:
+    the handler's flusher thread takes the lines while the event loop adds them."""
 
-    def __init__(
-        self, *, json_lines: bool = False, max_bytes: int = 64 * 1024, interval: float = 1.0
-    ) -> None:
-        super().__init__(sys.stderr)
+    def __init__(self, *, json_lines: bool, max_bytes: int) -> None:
         self.json_lines = json_lines
-        self._second = -1
-        self._stamp = ""
+        self._max_bytes = max_bytes
         self._lines: list[str] = []
         self._size = 0
-        self._max_bytes = max_bytes
-        self._stop = threading.Event()
-        self._flusher = threading.Thread(
-            target=self._flush_every, args=(interval,), name="access-log", daemon=True
-        )
-        self._flusher.start()
+        self._second = -1
+        self._stamp = ""
+        self._lock = threading.Lock()
 
-    def emit(self, record: logging.LogRecord) -> None:
+    def add(self, line: str) -> bool:
+        """Keep `line`; True when the block is full (the handler then writes it)."""
+        lock = self._lock
+        lock.acquire()
         try:
-            line = self.format(record) + "\n"
-        except Exception:
-            self.handleError(record)
-            return
-        with self.lock or contextlib.nullcontext():
             self._lines.append(line)
             self._size += len(line)
-            if self._size >= self._max_bytes:
-                self._write()
+            return self._size >= self._max_bytes
+        finally:
+            lock.release()
 
-    def access(self, message: str, fields: dict[str, Any] | None) -> None:
+    def access(self, message: str, fields: dict[str, Any] | None) -> bool:
         """One access line, formatted here as the configured formatter would format its
         record (TEXT_FORMAT or JsonFormatter) without building a LogRecord: logging's record,
         caller lookup and formatter cost more than the rest of a relayed request. `fields`
-        (the JSON keys) may be None for text lines."""
+        (the JSON keys) may be None for text lines. True when the block is full."""
         now = time.time()
         second = int(now)
         millis = int((now - second) * 1000)
@@ -143,33 +134,68 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self._second = second
                 self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
             line = f"{self._stamp},{_MILLIS[millis]} INFO {ACCESS_LOGGER}: {message}\n"
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
+        return self.add(line)
+
+    def take(self) -> str:
+        """Every line kept so far, in order, as one text; none are kept after."""
+        lock = self._lock
+        lock.acquire()
         try:
-            self._lines.append(line)
-            self._size += len(line)
-            if self._size >= self._max_bytes:
-                self._write()
+            text = "".join(self._lines)
+            self._lines.clear()
+            self._size = 0
+            return text
         finally:
-            if lock is not None:
-                lock.release()
+            lock.release()
+
+
+@mypyc_attr(native_class=False)  # see NOT_NATIVE
+class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Access lines written in blocks, as nginx's `access_log ... buffer=64k flush=1s`: one
+    write per 64 KiB or per second instead of one per request. Flushed at exit
+    (logging.shutdown), so a stopped proxy's log is complete; other lines are not delayed.
+    access_line() adds its lines to `lines` directly."""
+
+    def __init__(
+        self, *, json_lines: bool = False, max_bytes: int = 64 * 1024, interval: float = 1.0
+    ) -> None:
+        super().__init__(sys.stderr)
+        self.lines = AccessLines(json_lines=json_lines, max_bytes=max_bytes)
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(
+            target=self._flush_every, args=(interval,), name="access-log", daemon=True
+        )
+        self._flusher.start()
+
+    @property
+    def json_lines(self) -> bool:
+        return self.lines.json_lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + "\n"
+        except Exception:
+            self.handleError(record)
+            return
+        if self.lines.add(line):
+            self.flush()
+
+    def access(self, message: str, fields: dict[str, Any] | None) -> None:
+        """One access line (AccessLines.access), written with its block when that is full."""
+        if self.lines.access(message, fields):
+            self.flush()
 
     def flush(self) -> None:
+        # Taken and written under the handler's lock: two flushes never reorder blocks.
         with self.lock or contextlib.nullcontext():
-            self._write()
+            text = self.lines.take()
+            if text:
+                self.stream.write(text)
+            self.stream.flush()
 
     def close(self) -> None:
         self._stop.set()
         super().close()
-
-    def _write(self) -> None:
-        if self._lines:
-            text = "".join(self._lines)
-            self._lines.clear()
-            self._size = 0
-            self.stream.write(text)
-        self.stream.flush()
 
     def _flush_every(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -245,7 +271,7 @@ def access_line(
         and not handlers[0].filters
     ):
         buffered = handlers[0]  # as configure_logging set it up
-    keyed = buffered is None or buffered.json_lines
+    keyed = buffered is None or buffered.lines.json_lines
     duration = _tenths(seconds)
     text = f"status={status} bytes_in={bytes_in}"
     if bytes_out is not None:
@@ -290,7 +316,8 @@ def access_line(
             fields["frames_out"] = session.frames_out
             fields["close_code"] = session.close_code
     if buffered is not None:
-        buffered.access(f"{method} {path} {text}", fields)
+        if buffered.lines.access(f"{method} {path} {text}", fields):
+            buffered.flush()
         return
     logger.info("%s %s %s", method, path, text, extra={"access": fields})
 

@@ -110,3 +110,30 @@ def test_no_hop_by_hop_header_reaches_the_client(upstream: list[tuple[str, str]]
     out = client_response_headers(upstream)
     names = {name.lower() for name, _ in out}
     assert not (names & HOP_BY_HOP)
+
+
+def _named_by_connection(headers: list[tuple[str, str]]) -> set[str]:
+    return {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+
+
+@settings(max_examples=500, deadline=None)
+@given(given_headers=headers)
+def test_the_header_filters_keep_exactly_what_the_plain_rule_keeps(
+    given_headers: list[tuple[str, str]],
+) -> None:
+    # forwarding._kept lower-cases only names as long as a dropped one: the same result as
+    # lower-casing every name, which is the rule as RFC 9110 7.6.1 states it.
+    named = _named_by_connection(given_headers)
+    hop = HOP_BY_HOP | named
+    assert client_response_headers(given_headers) == [
+        (n, v) for n, v in given_headers if n.lower() not in hop
+    ]
+    upstream = hop | CLIENT_CREDENTIALS | {"host", "expect"}
+    assert upstream_request_headers(given_headers, token="t", host="h")[1:-1] == [
+        (n, v) for n, v in given_headers if n.lower() not in upstream
+    ]
