@@ -145,18 +145,28 @@ def _kept(
 ) -> list[tuple[str, str]]:
     """`headers` without those named in `always` or by the Connection header, in order.
 
-    A name whose length no dropped name has is kept without being lower-cased: that is
-    most of them, and this runs for every request and every response."""
-    tokens = connection_tokens(headers)
-    dropped = always
-    if tokens and not tokens <= always:  # `Connection: keep-alive` names nothing new
-        dropped = always | tokens
-        lengths = lengths | {len(token) for token in tokens}
-    return [
-        (name, value)
-        for name, value in headers
-        if len(name) not in lengths or name.lower() not in dropped
-    ]
+    One pass: a name whose length no dropped name has is kept without being lower-cased
+    (most are; this runs for every request and every response). `always` holds
+    "connection", so each Connection header is looked at; only one naming a field outside
+    `always` (not nginx's `keep-alive`) costs a second pass."""
+    kept: list[tuple[str, str]] = []
+    named: set[str] | None = None
+    for name, value in headers:
+        if len(name) in lengths:
+            lowered = name.lower()
+            if lowered in always:
+                if lowered == "connection":
+                    for token in value.split(","):
+                        option = token.strip().lower()
+                        if option and option not in always:
+                            if named is None:
+                                named = set()
+                            named.add(option)
+                continue
+        kept.append((name, value))
+    if named:
+        return [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 _DROPPED_UPSTREAM = HOP_BY_HOP | CLIENT_CREDENTIALS | _REPLACED_BY_PROXY

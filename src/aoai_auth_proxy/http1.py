@@ -83,6 +83,7 @@ METRICS_PATH = "/metrics"
 # Fields a request may carry once (RFC 9110 5.3: a repeat of these cannot be combined); a
 # second Host in particular lets two parsers disagree on where a request goes.
 _SINGLETONS = frozenset({b"host", b"content-length", b"content-type", b"transfer-encoding"})
+_VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}  # parsed once, not per request
 _FRAMING_LENGTHS = frozenset(len(name) for name in (*_SINGLETONS, b"upgrade", b"expect"))
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -401,7 +402,11 @@ class ClientConnection(ReadsIntoBuffer):
         request.method = parser.get_method().decode("ascii")
         request.target = bytes(self._url)
         version = parser.get_http_version()
-        request.version = (int(version[0]), int(version[2])) if len(version) == 3 else (0, 9)
+        known = _VERSIONS.get(version)
+        if known is not None:
+            request.version = known
+        else:
+            request.version = (int(version[0]), int(version[2])) if len(version) == 3 else (0, 9)
         request.keep_alive = parser.should_keep_alive() and request.version >= (1, 1)
         request.upgrade = parser.should_upgrade()
         seen: set[bytes] = set()
