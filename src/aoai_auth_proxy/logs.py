@@ -180,11 +180,6 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         if self.lines.add(line):
             self.flush()
 
-    def access(self, message: str, fields: dict[str, Any] | None) -> None:
-        """One access line (AccessLines.access), written with its block when that is full."""
-        if self.lines.access(message, fields):
-            self.flush()
-
     def flush(self) -> None:
         # Taken and written under the handler's lock: two flushes never reorder blocks.
         with self.lock or contextlib.nullcontext():
