@@ -106,9 +106,13 @@ def connection_tokens(headers: Iterable[tuple[str, str]]) -> set[str]:
     tokens: set[str] = set()
     for name, value in headers:
         if len(name) == 10 and name.lower() == "connection":  # runs for every request
-            for token in value.split(","):  # a loop: update() over a generator makes one
-                tokens.add(token.strip().lower())
+            tokens.update(connection_options(value))
     return tokens
+
+
+def connection_options(value: str) -> list[str]:
+    """The options one Connection header's value names, lower case."""
+    return [token.strip().lower() for token in value.split(",")]
 
 
 def upstream_request_headers(headers: Headers, *, token: str, host: str) -> list[tuple[str, str]]:
@@ -156,8 +160,7 @@ def _kept(
             lowered = name.lower()
             if lowered in always:
                 if lowered == "connection":
-                    for token in value.split(","):
-                        option = token.strip().lower()
+                    for option in connection_options(value):
                         if option and option not in always:
                             if named is None:
                                 named = set()

@@ -167,10 +167,6 @@ class BufferedAccessHandler(logging.StreamHandler):  # type: ignore[type-arg]
         )
         self._flusher.start()
 
-    @property
-    def json_lines(self) -> bool:
-        return self.lines.json_lines
-
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
