@@ -44,12 +44,13 @@ METRICS_PATH = "/metrics"
 
 
 def default_token_source(
-    settings: Settings, metrics: Metrics, ssl_context: ssl.SSLContext | None = None
+    settings: Settings, metrics: Metrics, ssl_context: ssl.SSLContext
 ) -> RefreshingTokenSource:
-    """The configured Entra ID sign-in, its token refreshed in the background."""
+    """The configured Entra ID sign-in (TLS trust `ssl_context`), its token refreshed in the
+    background."""
     fetcher = EntraTokenFetcher(
         settings,
-        ssl_context if ssl_context is not None else client_ssl_context(settings.ca_file),
+        ssl_context,
         on_certificate=lambda c: metrics.certificate_loaded(
             c.thumbprint_sha1, c.not_after.timestamp()
         ),
