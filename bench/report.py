@@ -563,6 +563,16 @@ def _nginx_logs(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _proxy_build(build: Mapping[str, Any] | None) -> str:
+    if build is None:  # a results file from before the bench recorded it
+        return "  proxy build: not recorded"
+    compiled = "compiled by mypyc" if build["compiled"] else "PURE PYTHON (not what ships)"
+    return (
+        f"  proxy build: Python {build['python']} ({build['executable']}), package in "
+        f"{build['package']}, {compiled}"
+    )
+
+
 def format_report(results: Mapping[str, Any]) -> str:
     setup, machine = results["setup"], results["machine"]
     ready = ", ".join(f"{k} {v:.1f} s" for k, v in results["proxy_ready_seconds"].items())
@@ -576,6 +586,7 @@ def format_report(results: Mapping[str, Any]) -> str:
         f"  proxy: python -m aoai_auth_proxy, PROXY_LOG_LEVEL={setup['proxy_log_level']}, one "
         f"process per upstream; ready after {ready}; {results['token_requests']} token "
         "request(s) to the Entra stand-in",
+        _proxy_build(setup.get("proxy_build")),
         "",
         *_targets_table(results),
         "",

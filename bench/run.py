@@ -1,6 +1,12 @@
 """Benchmark the proxy side by side with nginx and a direct call, as ratios measured in one run.
 
-    .venv/bin/python bench/run.py        (what `make bench` runs; about four minutes)
+    make bench                            (about four minutes)
+    .venv/bin/python bench/run.py [--proxy-python PYTHON]
+
+`make bench` runs the proxy as the container image runs it: the wheel, compiled by its build
+hook, in a venv of Debian's CPython 3.11 (`.venv-bench`, the interpreter of check-deploy's
+image; PGO and LTO builds, as the official python:3.11-slim is). --proxy-python names that
+interpreter; without it the proxy runs on the bench's own (the development venv's).
 
 Starts, all on 127.0.0.1:
 - a local Entra stand-in (in this process) that signs the proxy's ~1.5 KB tokens;
@@ -41,6 +47,7 @@ import psutil
 from harness import (
     BENCH_DIR,
     PYTHON,
+    REPO_DIR,
     CpuMeter,
     LogKeeper,
     Pinning,
@@ -111,6 +118,7 @@ class Options:
     workers: bool
     proxy_log_level: str
     retry_budget: int
+    proxy_python: str
 
 
 def parse_options(argv: Sequence[str] | None = None) -> Options:
@@ -145,6 +153,11 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         default=12,
         help="wrk runs that may be run again because other processes disturbed them",
     )
+    parser.add_argument(
+        "--proxy-python",
+        default=os.environ.get("BENCH_PROXY_PYTHON") or PYTHON,
+        help="the interpreter the proxy runs on, with the proxy installed (default: this one)",
+    )
     args = parser.parse_args(argv)
     return Options(
         connections=tuple(args.connections),
@@ -162,6 +175,7 @@ def parse_options(argv: Sequence[str] | None = None) -> Options:
         workers=args.workers,
         proxy_log_level=args.proxy_log_level.upper(),
         retry_budget=args.retry_budget,
+        proxy_python=args.proxy_python,
     )
 
 
@@ -221,8 +235,27 @@ def nginx_errors(prefix: Path) -> dict[str, Any]:
     return {"levels": levels, "examples": lines[:3]}
 
 
+def proxy_build(python: str) -> dict[str, Any]:
+    """What the proxy runs on: the interpreter's version and path, where the package is
+    installed, and whether its per-request modules are compiled (the report says if not)."""
+    probe = (
+        "import json, platform, sys, sysconfig, aoai_auth_proxy, aoai_auth_proxy.http1 as h; "
+        "print(json.dumps({'python': platform.python_version(), 'executable': sys.executable, "
+        "'package': aoai_auth_proxy.__file__.rsplit('/', 2)[0], "
+        "'compiled': h.__file__.endswith(sysconfig.get_config_var('EXT_SUFFIX'))}))"
+    )
+    result = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, check=False, cwd=REPO_DIR
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{python} cannot import the proxy: {result.stderr.strip()[-500:]}")
+    build: dict[str, Any] = json.loads(result.stdout)
+    return build
+
+
 def _start_proxy(
     processes: Processes,
+    python: str,
     pin: Sequence[str],
     env: Mapping[str, str],
     upstream_url: str,
@@ -231,7 +264,7 @@ def _start_proxy(
 ) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     process = processes.start(
-        [*pin, PYTHON, "-m", "aoai_auth_proxy"],
+        [*pin, python, "-m", "aoai_auth_proxy"],
         env=dict(env) | {"API_BASE_URL": upstream_url, "PORT": str(port)} | dict(extra or {}),
         log=log,
     )
@@ -324,6 +357,7 @@ async def start_stack(
         extra = {"PROXY_UPSTREAM_CA_FILE": str(ca_file)} if name == "tls" else None
         proxies[name], proxy_urls[name] = _start_proxy(
             processes,
+            options.proxy_python,
             pinning.proxy,
             base_env,
             upstream_urls[name],
@@ -411,6 +445,7 @@ async def workers_phase(
         for workers in ("2", "1"):
             process, url = _start_proxy(
                 processes,
+                options.proxy_python,
                 stack.pinning.anywhere,
                 running.base_env,
                 upstream_url,
@@ -451,6 +486,7 @@ async def workers_phase(
 
 async def bench(options: Options, processes: Processes, workdir: Path) -> dict[str, Any]:
     started = time.monotonic()
+    build = proxy_build(options.proxy_python)
     pinning = cpu_pinning()
     open_files = raise_open_files_limit()
     ca = CertificateAuthority.create()
@@ -546,6 +582,7 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
             "bench/sse.py http.client (timed SSE)",
             "pinning": pinning.description,
             "proxy_log_level": options.proxy_log_level,
+            "proxy_build": build,
             "upstream": "nginx `return 200` (1 worker, access log off) over HTTP and HTTPS for "
             "throughput and latency; bench/upstream.py (aiohttp) for SSE and uploads",
             "nginx_relay": "1 worker, proxy_pass to a keep-alive pool (256), Authorization "
