@@ -29,6 +29,7 @@ PACKAGE = "aoai_auth_proxy"
 # must stay Python classes: see logs.NOT_NATIVE), and what runs once or per token rather than
 # per request.
 NATIVE = (
+    "credentials",
     "forwarding",
     "health",
     "http1",

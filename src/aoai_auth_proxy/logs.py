@@ -28,17 +28,29 @@ _MILLIS = tuple(f"{n:03d}" for n in range(1000))
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-@dataclass
 class UpstreamTiming:
-    """What the relay learns about one request's upstream leg, for its access line."""
+    """What the relay learns about one request's upstream leg, for its access line.
 
-    ttfb: float | None = None  # seconds until the upstream's status line and headers
-    request_id: str | None = None  # apim-request-id or x-request-id
-    aborted: str | None = None  # why a started response was cut: upstream:<code>, client_gone
-    error_kind: str | None = (
-        None  # connect, tls, timeout, reset or protocol: how the upstream failed
-    )
-    replayed: bool = False  # the upstream refused the token (401); renewed and sent again
+    A plain class, not a dataclass: mypyc leaves a dataclass's generated `__init__` to the
+    interpreter, and one of these is made for every request."""
+
+    def __init__(
+        self,
+        *,
+        ttfb: float | None = None,
+        request_id: str | None = None,
+        aborted: str | None = None,
+        error_kind: str | None = None,
+        replayed: bool = False,
+    ) -> None:
+        self.ttfb = ttfb  # seconds until the upstream's status line and headers
+        self.request_id = request_id  # apim-request-id or x-request-id
+        # Why a started response was cut: upstream:<code>, client_gone.
+        self.aborted = aborted
+        # connect, tls, timeout, reset or protocol: how the upstream failed.
+        self.error_kind = error_kind
+        # The upstream refused the token (401); renewed and sent again.
+        self.replayed = replayed
 
 
 @dataclass
@@ -233,6 +245,22 @@ def install_malformed_request_filter() -> None:
 CLIENT_CLOSED_REQUEST = 499
 
 
+def info_enabled(logger: logging.Logger) -> bool:
+    """`logger.isEnabledFor(logging.INFO)`, its fast path in compiled code: the stdlib's method
+    (and `Manager.disable`, a property) are interpreted calls, and this runs for every request.
+
+    It reads the memo isEnabledFor itself keeps (`Logger._cache`, CPython 3.7+, cleared by every
+    setLevel and logging.disable); where that is missing or not yet filled it asks the method."""
+    if logger.disabled:
+        return False
+    memo = getattr(logger, "_cache", None)
+    if type(memo) is dict:
+        known = memo.get(logging.INFO)
+        if type(known) is bool:
+            return known
+    return logger.isEnabledFor(logging.INFO)
+
+
 def access_line(
     logger: logging.Logger,
     method: str,
@@ -246,7 +274,7 @@ def access_line(
     session: SessionStats | None = None,
 ) -> None:
     """method, path (credentials removed), status, bytes, duration, upstream timing and id."""
-    if not logger.isEnabledFor(logging.INFO):
+    if not info_enabled(logger):
         return
     # Built directly rather than from a dict and a join: it runs for every request. The
     # JSON keys are built only for a JSON line (or a logger set up other than by

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 
@@ -17,6 +18,7 @@ from aoai_auth_proxy.logs import (
     JsonFormatter,
     UpstreamTiming,
     access_line,
+    info_enabled,
 )
 from aoai_auth_proxy.relay import upstream_error
 
@@ -137,3 +139,35 @@ def test_milliseconds_in_a_text_line_read_as_the_json_number(seconds: float) -> 
     assert f"duration_ms={entry['duration_ms']!r} " in lines[False]
     assert f"upstream_ttfb_ms={entry['upstream_ttfb_ms']!r}\n" in lines[False]
     assert entry["duration_ms"] == int(seconds * 10_000 + 0.5) / 10
+
+
+LEVELS = (logging.NOTSET, logging.DEBUG, logging.INFO, logging.WARNING)
+
+
+def test_info_enabled_decides_as_the_stdlib_does() -> None:
+    # access_line asks info_enabled for every request instead of Logger.isEnabledFor: the two
+    # must agree for every mix of levels on the logger, its parent and the root, a disabled
+    # logger, and logging.disable(), applied one after another (each clears the memo).
+    root = logging.getLogger()
+    parent = logging.getLogger("test-info-enabled")
+    child = logging.getLogger("test-info-enabled.access")
+    saved = root.level
+    try:
+        for own, above, top, disabled, cut in itertools.product(
+            LEVELS, LEVELS, LEVELS, (False, True), LEVELS
+        ):
+            child.setLevel(own)
+            parent.setLevel(above)
+            root.setLevel(top)
+            child.disabled = disabled
+            logging.disable(cut)
+            case = (own, above, top, disabled, cut)
+            # Twice: the first may fill the stdlib's memo, the second reads it.
+            assert info_enabled(child) is child.isEnabledFor(logging.INFO), case
+            assert info_enabled(child) is child.isEnabledFor(logging.INFO), case
+    finally:
+        logging.disable(logging.NOTSET)
+        child.disabled = False
+        child.setLevel(logging.NOTSET)
+        parent.setLevel(logging.NOTSET)
+        root.setLevel(saved)
