@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Protocol
 
+from mypy_extensions import mypyc_attr
+
 from .errors import NoValidToken, TokenAcquisitionError
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,9 @@ class Token:
         return now < self.usable_until
 
 
+# Compiled by mypyc (hatch_build.NATIVE: held() runs for every request). The package exports
+# these two; a native class refuses Python subclasses unless it allows them, as these do.
+@mypyc_attr(allow_interpreted_subclasses=True)
 @dataclass(frozen=True)
 class TokenStatus:
     """What readiness and `check` report about the token source."""
@@ -127,6 +132,7 @@ def retry_delay(failures: int, jitter: float) -> float:
     return ceiling * (0.5 + 0.5 * jitter)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # exported: see TokenStatus
 class RefreshingTokenSource:
     """A TokenSource that keeps one token fresh in the background (see module invariants)."""
 

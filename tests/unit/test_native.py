@@ -14,6 +14,7 @@ import hatch_build
 import pytest
 
 import aoai_auth_proxy
+from aoai_auth_proxy.credentials import Token
 from aoai_auth_proxy.logs import BufferedAccessHandler, JsonFormatter, MalformedRequestFilter
 
 PACKAGE_DIR = Path(aoai_auth_proxy.__file__).parent
@@ -66,3 +67,25 @@ def test_logging_objects_die_cleanly_with_weak_references_to_them() -> None:
         if all(reference() is None for reference in references[1:]):
             break
     assert [reference() for reference in references[1:]] == [None, None]
+
+
+class _NoFetch:
+    async def fetch(self) -> Token:
+        raise AssertionError("not asked")
+
+
+async def test_the_compiled_classes_the_package_exports_take_python_subclasses() -> None:
+    # A class mypyc compiles refuses Python subclasses (a TypeError once one is instantiated)
+    # unless it allows them; the package's exports keep working as they did when their module
+    # ran as Python, overrides included.
+    class Pinned(aoai_auth_proxy.RefreshingTokenSource):
+        def held(self) -> str | None:
+            return "pinned"
+
+    class Status(aoai_auth_proxy.TokenStatus):
+        pass
+
+    source = Pinned(_NoFetch())
+    assert source.held() == "pinned"
+    assert source.status() == aoai_auth_proxy.TokenStatus(False, None, None)
+    assert Status(True, None, None).ready is True
