@@ -56,6 +56,10 @@ def _median(values: Sequence[float]) -> float:
 
 
 LATENCY_PLACEMENTS = ("one_core", "two_cores")
+# A third, shown beside the target: one core, HTTP, each target's requests in a block of its
+# own, so a relay's caches stay as warm as its own traffic leaves them; rounds alternate the
+# blocks against drift.
+BLOCK_ROUNDS = 3
 
 
 async def measure_latency(
@@ -65,7 +69,8 @@ async def measure_latency(
     the proxy, over HTTP and HTTPS to the upstream, alternating request by request. Twice:
     `one_core`, the client and the upstream moved onto the relays' core, so that what a relay
     adds is its own work and no cross-core wake-ups (the issue's "same core"); `two_cores`,
-    the placement of the throughput runs (client and upstream on the load core)."""
+    the placement of the throughput runs (client and upstream on the load core). Then
+    `one_core_blocks`: one core, HTTP, each target alone (_latency_in_blocks)."""
     meter = CpuMeter(stack.pids)
     pinning = stack.pinning
     order = [(transport, name) for transport in THROUGHPUT_TRANSPORTS for name in TARGETS]
@@ -100,8 +105,53 @@ async def measure_latency(
                 for relay in RELAYS
             }
         result[placement] = by_transport
+    result["one_core_blocks"] = {"http": await _latency_in_blocks(processes, stack, count, warmup)}
+    result["block_rounds"] = BLOCK_ROUNDS
     result["noise"] = meter.foreign()
     return result
+
+
+async def _latency_in_blocks(
+    processes: Processes, stack: Stack, count: int, warmup: int
+) -> dict[str, Any]:
+    """One core, HTTP: direct, nginx and proxy each measured alone, BLOCK_ROUNDS rounds; each
+    statistic is the median of the rounds'."""
+    pinning = stack.pinning
+    rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in TARGETS}
+    set_affinity(stack.upstream_pid, pinning.proxy_cpu)
+    try:
+        for _ in range(BLOCK_ROUNDS):
+            for name in TARGETS:
+                await quiet_cpu(pinning.proxy_cpu)
+                (measured,) = await run_latency(
+                    processes,
+                    pinning.proxy,
+                    [stack.routes["http"][name].url],
+                    count=count,
+                    warmup=warmup,
+                )
+                rounds[name].append(measured)
+    finally:
+        set_affinity(stack.upstream_pid, pinning.load_cpu)
+    by_target: dict[str, Any] = {}
+    for name, runs in rounds.items():
+        statuses: dict[str, int] = {}
+        for run in runs:
+            for status, number in run["statuses"].items():
+                statuses[status] = statuses.get(status, 0) + number
+        by_target[name] = {
+            f"{stat}_us": _median([run[f"{stat}_us"] for run in runs])
+            for stat in ("p50", "p90", "p99")
+        } | {"errors": sum(run["errors"] for run in runs), "statuses": statuses}
+    direct = by_target["direct"]
+    by_target["added"] = {
+        relay: {
+            stat: _stat(by_target[relay], f"{stat}_us") - _stat(direct, f"{stat}_us")
+            for stat in ("p50", "p99")
+        }
+        for relay in RELAYS
+    }
+    return by_target
 
 
 # -- throughput --------------------------------------------------------------------------------

@@ -165,14 +165,21 @@ _LATENCY_ROWS = (
     ("one_core", "http", "p50", True),
     ("one_core", "http", "p99", False),
     ("one_core", "tls", "p50", False),
+    ("one_core_blocks", "http", "p50", False),
     ("two_cores", "http", "p50", False),
 )
-_PLACEMENTS = {"one_core": "one core", "two_cores": "two cores"}
+_PLACEMENTS = {
+    "one_core": "one core",
+    "one_core_blocks": "one core, targets in turn",
+    "two_cores": "two cores",
+}
 
 
 def _latency_targets(results: Mapping[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for placement, transport, stat, target in _LATENCY_ROWS:
+        if placement not in results["latency"]:
+            continue  # a results file from before the bench measured it
         latency = results["latency"][placement][transport]
         added = latency["added"]
         proxy_added, nginx_added = added["proxy"][stat], added["nginx"][stat]
@@ -398,8 +405,7 @@ def _latency_details(results: Mapping[str, Any]) -> list[str]:
     rows = []
     failed = []
     for placement in _PLACEMENTS:
-        for transport in ("http", "tls"):
-            latency = results["latency"][placement][transport]
+        for transport, latency in results["latency"].get(placement, {}).items():
             for name in TARGETS:
                 stats = latency[name]
                 added = latency["added"].get(name, {})
@@ -417,11 +423,14 @@ def _latency_details(results: Mapping[str, Any]) -> list[str]:
                         f"statuses {stats['statuses']}"
                     )
     options = results["options"]
+    rounds = results["latency"].get("block_rounds")
     return [
         f"Latency details: {options['latency_count']} sequential requests per target after "
         f"{options['latency_warmup']} warm-up, the six targets alternating request by request; "
         "one core: client, relay and upstream all on the relays' core (what a relay adds is its "
-        "own work); two cores: client and upstream on the load core, as in the throughput runs; "
+        "own work); one core, targets in turn: the same, HTTP, each target's requests in a block "
+        f"of their own, {rounds} rounds, medians (caches as warm as a relay's own traffic leaves "
+        "them); two cores: client and upstream on the load core, as in the throughput runs; "
         "HTTPS direct: the client itself speaks TLS",
         *_table(
             ["client, transport, target", "p50 us", "p90 us", "p99 us", "added p50", "added p99"],
