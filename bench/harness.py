@@ -208,6 +208,23 @@ def rss_mb(pid: int) -> float:
     return total / 2**20
 
 
+def anonymous_mb(pid: int) -> float:
+    """Anonymous memory of a process and its descendants (heap, objects, stacks), MB: RSS
+    without the pages of mapped files (the interpreter, libraries, extensions), which every
+    copy of the same image on a node shares through the page cache (Linux smaps_rollup)."""
+    total = 0
+    for process in _tree(pid):
+        with contextlib.suppress(OSError, psutil.Error):
+            rollup = Path(f"/proc/{process.pid}/smaps_rollup").read_text()
+            anonymous = (
+                int(line.split()[1])
+                for line in rollup.splitlines()
+                if line.startswith("Anonymous:")
+            )
+            total += next(anonymous, 0)
+    return total / 2**10
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time of a process and its live descendants, seconds."""
     total = 0.0

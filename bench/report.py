@@ -485,6 +485,15 @@ def _memory_details(results: Mapping[str, Any]) -> list[str]:
         ["proxy peak during the wrk runs", _num(max(peaks, default=None), ".1f"), ""],
         ["nginx relay at rest (master + worker)", f"{results['nginx_rest_mb']:.1f}", ""],
     ]
+    if "rest_anonymous_mb" in results:  # absent from results files of earlier benches
+        rows[1:1] = [
+            [
+                "  of which anonymous (RSS less the mapped files' pages)",
+                f"{results['rest_anonymous_mb']:.1f}",
+                "",
+            ]
+        ]
+        rows.append(["  of which anonymous", f"{results['nginx_rest_anonymous_mb']:.1f}", ""])
     upload = results["upload"]
     for name in ("nginx", "proxy"):
         u = upload[name]

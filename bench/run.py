@@ -54,6 +54,7 @@ from harness import (
     Processes,
     Route,
     Stack,
+    anonymous_mb,
     cpu_pinning,
     free_port,
     process_count,
@@ -506,6 +507,8 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
         meter = CpuMeter(stack.pids)
         rest_mb = await settled_rss(running.proxies["http"].pid)
         nginx_rest_mb = await settled_rss(stack.nginx_pid)
+        rest_anonymous_mb = anonymous_mb(running.proxies["http"].pid)
+        nginx_rest_anonymous_mb = anonymous_mb(stack.nginx_pid)
         token_sizes = await proxy_token_bytes(session, running)
         script = wrk_script(workdir / "post.lua")
         retries = Retries(options.retry_budget)
@@ -596,6 +599,8 @@ async def bench(options: Options, processes: Processes, workdir: Path) -> dict[s
         "proxy_ready_seconds": ready,
         "rest_mb": rest_mb,
         "nginx_rest_mb": nginx_rest_mb,
+        "rest_anonymous_mb": rest_anonymous_mb,
+        "nginx_rest_anonymous_mb": nginx_rest_anonymous_mb,
         "token_requests": token_requests,
         "authorization": token_sizes,
         "credentials_at_streams_upstream": {
