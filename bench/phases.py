@@ -96,14 +96,7 @@ async def measure_latency(
         for (transport, name), measured in zip(order, stats, strict=True):
             by_transport.setdefault(transport, {})[name] = measured
         for by_target in by_transport.values():
-            direct = by_target["direct"]
-            by_target["added"] = {
-                relay: {
-                    stat: _stat(by_target[relay], f"{stat}_us") - _stat(direct, f"{stat}_us")
-                    for stat in ("p50", "p99")
-                }
-                for relay in RELAYS
-            }
+            by_target["added"] = _added(by_target)
         result[placement] = by_transport
     result["one_core_blocks"] = {"http": await _latency_in_blocks(processes, stack, count, warmup)}
     result["block_rounds"] = BLOCK_ROUNDS
@@ -143,15 +136,20 @@ async def _latency_in_blocks(
             f"{stat}_us": _median([run[f"{stat}_us"] for run in runs])
             for stat in ("p50", "p90", "p99")
         } | {"errors": sum(run["errors"] for run in runs), "statuses": statuses}
+    by_target["added"] = _added(by_target)
+    return by_target
+
+
+def _added(by_target: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """What each relay adds to the direct call's p50 and p99."""
     direct = by_target["direct"]
-    by_target["added"] = {
+    return {
         relay: {
             stat: _stat(by_target[relay], f"{stat}_us") - _stat(direct, f"{stat}_us")
             for stat in ("p50", "p99")
         }
         for relay in RELAYS
     }
-    return by_target
 
 
 # -- throughput --------------------------------------------------------------------------------
