@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -58,10 +57,8 @@ class Token:
     def lifetime(self) -> float:
         return max(0.0, self.expires_on - self.fetched_at)
 
-    @functools.cached_property
+    @property
     def usable_until(self) -> float:
-        # Cached: `held()` asks for every request (functools.cached_property writes the
-        # instance's __dict__ directly, which a frozen dataclass allows).
         return self.expires_on - min(
             EXPIRY_MARGIN_MAX_SECONDS, self.lifetime * EXPIRY_MARGIN_FRACTION
         )
@@ -195,8 +192,7 @@ class RefreshingTokenSource:
 
     def held(self) -> str | None:
         token = self._token
-        # token.usable(), inlined: this runs for every relayed request.
-        return token.value if token is not None and self._clock() < token.usable_until else None
+        return token.value if token is not None and token.usable(self._clock()) else None
 
     async def token(self) -> str:
         token = self._token
