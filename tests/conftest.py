@@ -57,7 +57,14 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 # as well: its transports hand reads to data_received, where uvloop's fill the connection's
 # read buffer (get_buffer/buffer_updated, readbuffer.py), so both ways in stay tested.
 BOTH_LOOPS = frozenset(
-    {"test_framing", "test_relay_edges", "test_hostile", "test_faults", "test_websocket"}
+    {
+        "test_framing",
+        "test_relay_edges",
+        "test_relay_differential",
+        "test_hostile",
+        "test_faults",
+        "test_websocket",
+    }
 )
 
 

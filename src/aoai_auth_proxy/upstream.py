@@ -211,8 +211,9 @@ class PooledConnection(ReadsIntoBuffer):
                 self._fail(f"Got more than {MAX_HEAD_BYTES} bytes of response headers")
 
     def eof_received(self) -> bool:
-        if self._head is not None and self._head.done() and not self._framed:
+        if self.status and not self._framed and not self.complete:
             # A close-delimited body (no Content-Length, not chunked) ends here (RFC 9112 6.3).
+            # `status`, not the head future, says the head is in: express exchanges have none.
             self._finish(keep_alive=False)
         return False
 

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -124,8 +125,9 @@ class RawUpstream:
     framing), verifies its bearer token with the Entra stand-in, records it in `requests`, then
     lets `respond` write the answer. `connections` counts accepted TCP connections."""
 
-    def __init__(self, entra: EntraStandIn) -> None:
+    def __init__(self, entra: EntraStandIn, *, tls: ssl.SSLContext | None = None) -> None:
         self.entra = entra
+        self.tls = tls  # serve HTTPS with this context
         self.respond: Respond = reply(b"HTTP/1.1 204 No Content\r\n\r\n")
         self.requests: list[Received] = []
         self.connections = 0
@@ -135,8 +137,9 @@ class RawUpstream:
         self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> str:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
+        scheme = "https" if self.tls is not None else "http"
+        return f"{scheme}://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     @property
     def open_connections(self) -> int:
@@ -710,6 +713,32 @@ async def test_a_close_delimited_answer_reaches_a_keep_alive_client_correctly_fr
     again = await exchange(url, get(b"/next"))
     assert again.status == 200
     assert again.body == b"GET /next HTTP/1.1\n"
+
+
+async def test_a_close_delimited_answer_on_a_pooled_connection_ends_with_the_close(
+    make_proxy: ProxyFactory, upstream: RawUpstream
+) -> None:
+    # The first request opens the upstream connection; the second finds it idle in the pool
+    # and goes the express way, where the body's end is the upstream's EOF, not an error.
+    until_close = reply(b"HTTP/1.1 404 Not Found\r\nX-A: b\r\n\r\nbye", close=True)
+
+    async def respond(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if received.target == b"/until-close":
+            return await until_close(received, writer)
+        return await echo(received, writer)
+
+    upstream.respond = respond
+    client = await Client.connect(await proxied(make_proxy, upstream))
+    try:
+        first = await client.request(get(b"/first"))
+        answer = await client.request(get(b"/until-close"))
+        after = await client.request(get(b"/after"))
+    finally:
+        await client.close()
+    assert first.status == 200
+    assert (answer.status, answer.body, answer.framing) == (404, b"bye", "chunked")
+    assert after.body == b"GET /after HTTP/1.1\n"
+    assert [r.connection for r in upstream.requests] == [0, 0, 1]
 
 
 # -- backpressure from a slow client ---------------------------------------------------------------
