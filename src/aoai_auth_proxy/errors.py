@@ -89,6 +89,17 @@ class UnsupportedCoding(ProxyError):
     closes_connection = True
 
 
+class MethodNotImplemented(ProxyError):
+    status = 501
+    code = "method_not_supported"
+
+
+class VersionNotSupported(ProxyError):
+    status = 505
+    code = "http_version_not_supported"
+    closes_connection = True
+
+
 class Unauthorized(ProxyError):
     status = 401
     code = "invalid_proxy_api_key"

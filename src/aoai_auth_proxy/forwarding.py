@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from urllib.parse import unquote
 
-from .errors import BadRequest
+from .errors import BadRequest, MethodNotImplemented, ProxyError
 
 Headers = Sequence[tuple[str, str]]
 
@@ -35,7 +35,21 @@ HOP_BY_HOP = frozenset(
 # Ocp-Apim-Subscription-Key is the other key header Azure AI services accept.
 CLIENT_CREDENTIALS = frozenset({"authorization", "api-key", "ocp-apim-subscription-key"})
 _REPLACED_BY_PROXY = frozenset({"host", "expect"})
-CREDENTIAL_QUERY_PARAMETERS = frozenset({"api-key"})
+# API Management also takes its key as `subscription-key=` in the query, as it takes the
+# Ocp-Apim-Subscription-Key header.
+CREDENTIAL_QUERY_PARAMETERS = frozenset({"api-key", "subscription-key"})
+
+
+# TRACE echoes the request it received, the proxy's bearer token included, back to the client
+# (RFC 9110 9.3.8); CONNECT would make the proxy a tunnel to anywhere.
+REFUSED_METHODS = frozenset({"TRACE", "CONNECT"})
+
+
+def method_problem(method: str) -> ProxyError | None:
+    """501 for a method the proxy never forwards (RFC 9110 9.1)."""
+    if method in REFUSED_METHODS:
+        return MethodNotImplemented(f"The proxy does not forward {method} requests")
+    return None
 
 
 def upstream_url(base_url: str, raw_target: str) -> str:
@@ -67,9 +81,10 @@ def upstream_url(base_url: str, raw_target: str) -> str:
 
 
 def strip_credential_parameters(query: str) -> str:
-    """Remove `api-key=` parameters (any letter case), keep every other byte of the query."""
+    """Remove `api-key=` and `subscription-key=` parameters (any letter case), keep every
+    other byte of the query."""
     if "%" not in query:
-        # Nothing percent-encoded: a parameter can only be named api-key if the query says
+        # Nothing percent-encoded: a parameter can only be a credential if the query says
         # so. The usual query (api-version=...) is kept without splitting it; this runs twice
         # per request (the upstream URL, the access line).
         lowered = query.lower()

@@ -46,8 +46,10 @@ from .errors import (
     HeadersTooLarge,
     ProxyError,
     UriTooLong,
+    VersionNotSupported,
 )
 from .forwarding import (
+    REFUSED_METHODS,
     client_response_headers,
     redact_target,
     upstream_request_headers,
@@ -573,8 +575,10 @@ class ClientConnection(ReadsIntoBuffer):
         upstream = frontend.upstream
         if not isinstance(upstream, PooledUpstream) or not request.body.done:
             return False
-        if request.chunked or request.upgrade_offer is not None or request.version < (1, 0):
+        if request.chunked or request.upgrade_offer is not None:
             return False
+        if not (1, 0) <= request.version <= (1, 1) or request.method in REFUSED_METHODS:
+            return False  # the task way answers these
         target = _text(request.target)
         path = target.partition("?")[0]
         if path in _RESERVED:
@@ -611,7 +615,11 @@ class ClientConnection(ReadsIntoBuffer):
             problem := host_problem(frontend.hosts, _text(request.host))
         ):
             return problem
-        if frontend.keys is not None and path not in HEALTH_PATHS:
+        # Only the probes the proxy answers itself (GET/HEAD) go without a key; any other
+        # method on those paths is forwarded, with the proxy's token.
+        if frontend.keys is not None and not (
+            path in HEALTH_PATHS and request.method in _PROBE_METHODS
+        ):
             return key_problem(frontend.keys, headers)
         return None
 
@@ -718,6 +726,11 @@ class ClientConnection(ReadsIntoBuffer):
         self, request: _Request, path: str, response: _Response, *, rejected: str | None
     ) -> None:
         frontend = self._frontend
+        if request.version > (1, 1):
+            # RFC 9110 15.6.6: this port speaks HTTP/1.x only (an HTTP/2 client sends a preface
+            # llhttp already refuses; this is a request line that claims a later version).
+            major, minor = request.version
+            raise VersionNotSupported(f"HTTP/{major}.{minor} is not supported; use HTTP/1.1")
         if request.chunked or request.version < (1, 0):  # else no rule of it applies
             problem = framing_problem(request.version, request.headers)
             if problem is not None:
@@ -871,6 +884,7 @@ class ClientConnection(ReadsIntoBuffer):
 
 
 _RESERVED = frozenset((*HEALTH_PATHS, METRICS_PATH))
+_PROBE_METHODS = ("GET", "HEAD")
 
 
 class _Express:

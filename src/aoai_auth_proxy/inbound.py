@@ -133,11 +133,23 @@ def host_problem(allowed: frozenset[str], host_header: str) -> ProxyError | None
     """400 when the Host header names something `allowed` does not hold."""
     name = host_name(host_header)
     # An absent Host (HTTP/1.0) is no rebinding risk: browsers always send one.
-    if not name or name in allowed or name.startswith("127."):
+    if not name or name in allowed or _is_loopback_ipv4(name):
         return None
     return MisdirectedHost(
         "This proxy does not answer to that Host name; list it in PROXY_ALLOWED_HOSTS "
         "if it is meant to"
+    )
+
+
+def _is_loopback_ipv4(name: str) -> bool:
+    """A dotted-quad literal in 127.0.0.0/8. Only a literal: `127.evil.example` or
+    `127.0.0.1.nip.io` are DNS names an attacker can rebind (RFC 6761 6.3 reserves only
+    `localhost`)."""
+    parts = name.split(".")
+    return (
+        len(parts) == 4
+        and parts[0] == "127"
+        and all(p.isdecimal() and p.isascii() and len(p) <= 3 and int(p) <= 255 for p in parts)
     )
 
 

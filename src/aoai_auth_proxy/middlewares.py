@@ -79,11 +79,13 @@ def require_host(allowed: frozenset[str]) -> Middleware:
 
 
 def require_key(keys: InboundKeys, exempt: frozenset[str]) -> Middleware:
-    """Refuse requests without an accepted key with 401; probe paths in `exempt` are open."""
+    """Refuse requests without an accepted key with 401; GET/HEAD probes of the paths in
+    `exempt`, as sent (not percent-decoded: `/%68ealth` is forwarded), are open."""
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in exempt and (problem := key_problem(keys, request.headers.items())):
+        probe = request.method in ("GET", "HEAD") and request.raw_path.partition("?")[0] in exempt
+        if not probe and (problem := key_problem(keys, request.headers.items())):
             raise problem
         return await handler(request)
 

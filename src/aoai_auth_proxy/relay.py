@@ -28,6 +28,7 @@ from .credentials import TokenSource
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .forwarding import (
     client_response_headers,
+    method_problem,
     upstream_request_headers,
     upstream_request_id,
     upstream_url,
@@ -212,6 +213,8 @@ async def forward(
     `rejected`: the upstream already answered this request 401 with that token (on the
     express way, http1.py): renew first, and this is the one replay.
     """
+    if problem := method_problem(method):
+        raise problem
     url = upstream_url(settings.api_base_url, raw_target)
     started = time.monotonic()
     if rejected is not None and await token_source.renew(rejected):

@@ -211,16 +211,21 @@ async def test_a_client_that_goes_away_still_gets_an_access_line(
     assert any(line.startswith("GET /slow status=499") for line in lines), lines
 
 
+@pytest.mark.parametrize(
+    "host",
+    # DNS names that merely start like a loopback address are names an attacker can rebind
+    [b"evil.example:8080", b"127.attacker.example:8080", b"127.0.0.1.nip.io", b"127.0.0.1x"],
+)
 async def test_a_host_header_naming_another_site_is_refused_on_a_loopback_proxy(
-    proxy: RunningProxy, aoai: AzureOpenAIStandIn
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn, host: bytes
 ) -> None:
     # DNS rebinding: a page on evil.example, its name rebound to 127.0.0.1, calls the sidecar
     status, answer = await raw_request(
-        proxy.url, b"GET /openai/models HTTP/1.1\r\nHost: evil.example:8080\r\n\r\n"
+        proxy.url, b"GET /openai/models HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
     )
     assert status == 400
     assert error_of(answer.partition(b"\r\n\r\n")[2])["code"] == "host_not_allowed"
-    for host in (b"localhost:8080", b"127.0.0.1", b"[::1]:8080"):
+    for host in (b"localhost:8080", b"127.0.0.1", b"[::1]:8080", b"127.1.2.3:8080"):
         status, _ = await raw_request(
             proxy.url, b"GET /health HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
         )

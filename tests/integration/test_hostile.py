@@ -220,6 +220,25 @@ async def test_malformed_request_lines_are_400_and_not_forwarded(
     assert_refused(await exchange(proxy.url, raw), aoai)
 
 
+async def test_a_request_line_claiming_http_2_is_505_and_not_forwarded(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn
+) -> None:
+    # llhttp accepts "HTTP/2.0" in a request line (other versions are 400, above); the proxy
+    # must not forward it as the HTTP/1.1 request it is not.
+    raw = b"GET /openai/models HTTP/2.0\r\n" + HOST + b"\r\n"
+    assert_refused(await exchange(proxy.url, raw), aoai, 505)
+
+
+async def test_trace_is_501_and_not_forwarded(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn
+) -> None:
+    # An upstream that implements TRACE would echo the proxy's bearer token to the client.
+    raw = b"TRACE /openai/models HTTP/1.1\r\n" + HOST + CLOSE + b"\r\n"
+    answer = await exchange(proxy.url, raw)
+    assert_refused(answer, aoai, 501)
+    assert b'"code": "method_not_supported"' in answer.responses[0].body
+
+
 # -- request smuggling shapes ----------------------------------------------------------------
 
 

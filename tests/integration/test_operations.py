@@ -20,6 +20,7 @@ from aoai_auth_proxy.credentials import RefreshingTokenSource
 from aoai_auth_proxy.errors import TokenAcquisitionError
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, ClientCertificate, EntraStandIn
 from tests.conftest import CLIENT_ID, ProxyFactory, eventually
+from tests.integration.test_relay_edges import Client
 
 CHAT = "/openai/deployments/gpt-4o/chat/completions?api-version=2024-10-21"
 MESSAGES = {"messages": [{"role": "user", "content": "hello there"}]}
@@ -166,6 +167,38 @@ async def test_inbound_key_is_required_compared_and_stripped(
             assert all("-key" not in value for _, value in seen.headers)
         async with session.get(proxy.url + "/health") as r:
             assert r.status == 200  # probes need no key
+
+
+H2C_OFFER = (
+    b"GET /openai/x HTTP/1.1\r\nHost: localhost\r\napi-key: s3cret\r\nConnection: Upgrade\r\n"
+    b"Upgrade: h2c\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"POST /health?x=1 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n{}",
+        b"DELETE /health/live HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"POST /%68ealth HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n",
+    ],
+)
+@pytest.mark.parametrize("server", ["http1", "after-hand-over"])
+async def test_only_get_and_head_probes_go_without_the_inbound_key(
+    make_proxy: ProxyFactory, aoai: AzureOpenAIStandIn, raw: bytes, server: str
+) -> None:
+    # Other methods on the probe paths are forwarded with the proxy's token, so they need
+    # the key; on a connection aiohttp's server holds (after an Upgrade offer) too.
+    proxy = await make_proxy(PROXY_API_KEY="s3cret")
+    client = await Client.connect(proxy.url)
+    try:
+        if server == "after-hand-over":
+            assert (await client.request(H2C_OFFER)).status == 400
+        answer = await client.request(raw)
+    finally:
+        await client.close()
+    assert answer.status == 401
+    assert aoai.requests == []
 
 
 async def test_inbound_key_file_is_rotated_without_a_restart(

@@ -23,6 +23,8 @@ import pytest
 
 from aoai_auth_proxy.testing.pki import CertificateAuthority
 from tests.conftest import ProxyFactory
+from tests.integration.test_egress import ConnectProxy, use_proxy
+from tests.integration.test_egress import connect_proxy as connect_proxy  # the fixture
 from tests.integration.test_relay_edges import (
     HOST,
     TIMEOUT,
@@ -99,7 +101,8 @@ def expected_target(target: bytes) -> bytes:
     kept = [
         part
         for part in query.split(b"&")
-        if unquote(part.partition(b"=")[0].decode("latin-1")).lower() != "api-key"
+        if unquote(part.partition(b"=")[0].decode("latin-1")).lower()
+        not in ("api-key", "subscription-key")
     ]
     if query and not kept:
         return path
@@ -232,7 +235,7 @@ class Cases:
         for _ in range(self.random.choice([0, 0, 1, 2])):
             parts.append(
                 self.random.choice(
-                    ["api-key=s3cret", "API-Key=s3cret", "api%2Dkey=s3cret", "api-key"]
+                    ["api-key=s3", "API-Key=s3", "api%2Dkey=s3", "api-key", "subscription-key=s3"]
                 )
             )
         self.random.shuffle(parts)
@@ -457,10 +460,28 @@ async def test_random_exchanges_keep_the_contract_at_both_ends(
 ) -> None:
     if tls:
         upstream.tls = ca.issue_server_certificate(("127.0.0.1",)).ssl_context()
+    env = {} if replay_max is None else {"PROXY_REPLAY_MAX_BYTES": replay_max}
+    await exercise(make_proxy, upstream, seed, **env)
+
+
+async def test_random_exchanges_through_an_https_proxy_keep_the_contract(
+    make_proxy: ProxyFactory,
+    upstream: RawUpstream,
+    ca: CertificateAuthority,
+    connect_proxy: ConnectProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # HTTPS_PROXY carries the upstream's traffic: the relay's other client (relay.py).
+    upstream.tls = ca.issue_server_certificate(("127.0.0.1",)).ssl_context()
+    use_proxy(monkeypatch, connect_proxy.url)
+    await exercise(make_proxy, upstream, 6)
+
+
+async def exercise(make_proxy: ProxyFactory, upstream: RawUpstream, seed: int, **env: str) -> None:
+    """Run `plan(seed)` through a proxy in front of `upstream`, checking every exchange."""
     connections = plan(seed)
     by_number = {case.number: case for _, cases in connections for case in cases}
     upstream.respond = make_responder(by_number, seed)
-    env = {} if replay_max is None else {"PROXY_REPLAY_MAX_BYTES": replay_max}
     base = await upstream.start()
     url = (await make_proxy(API_BASE_URL=base, **env)).url
     upstream_host = base.partition("://")[2].encode()

@@ -78,6 +78,8 @@ def test_targets_that_could_leave_the_base_are_refused(target: str) -> None:
         ("/m?api%2Dkey=secret&b=2", "/m?b=2"),
         ("/m?api-key&b=2", "/m?b=2"),
         ("/m?xapi-key=1", "/m?xapi-key=1"),
+        ("/m?subscription-key=secret&b=2", "/m?b=2"),  # API Management's query form
+        ("/m?b=2&Subscription-Key=secret", "/m?b=2"),
     ],
 )
 def test_api_key_query_parameter_never_reaches_upstream(target: str, expected: str) -> None:
