@@ -86,6 +86,11 @@ METRICS_PATH = "/metrics"
 # second Host in particular lets two parsers disagree on where a request goes.
 _SINGLETONS = frozenset({b"host", b"content-length", b"content-type", b"transfer-encoding"})
 _VERSIONS = {"1.1": (1, 1), "1.0": (1, 0)}  # parsed once, not per request
+# How long a refused connection is read (and discarded) before it closes.
+_LINGER_SECONDS = 1.0
+# Bytes read with no parser callback: one field line at its limits (name and value, 8190
+# bytes each), with room for a read that ends just past one.
+_MAX_STALLED_BYTES = 2 * MAX_FIELD_BYTES + 4096
 _FRAMING_LENGTHS = frozenset(len(name) for name in (*_SINGLETONS, b"upgrade", b"expect"))
 _NO_BODY = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -295,6 +300,8 @@ class ClientConnection(ReadsIntoBuffer):
         self._serving: _Request | None = None
         self._url = bytearray()
         self._header_bytes = 0
+        self._progressed = False  # a parser callback ran during this read
+        self._stalled_bytes = 0  # bytes read since one last ran
         self._paused_by: set[str] = set()
         self._can_write: asyncio.Future[None] | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
@@ -317,8 +324,22 @@ class ClientConnection(ReadsIntoBuffer):
     def data_received(self, data: bytes | memoryview) -> None:
         if self._refusal is not None or self._pending_upgrade is not None:
             return  # nothing after a refused request or an upgrade head is read as HTTP
+        self._progressed = False
         try:
             self._parser.feed_data(data)
+            if self._progressed:
+                self._stalled_bytes = 0
+            else:
+                # llhttp keeps a field that has not ended yet (httptools joins its pieces):
+                # bound what a line that never ends may make it hold, as nginx's
+                # large_client_header_buffers does, in the head and in chunked trailers.
+                self._stalled_bytes += len(data)
+                if self._stalled_bytes > _MAX_STALLED_BYTES:
+                    self._refuse(
+                        HeadersTooLarge(
+                            f"A request or trailer line exceeds {MAX_FIELD_BYTES} bytes"
+                        )
+                    )
         except httptools.HttpParserUpgrade as upgrade:
             request = self._parsing
             self._parsing = None
@@ -373,16 +394,19 @@ class ClientConnection(ReadsIntoBuffer):
     # -- httptools callbacks ----------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self._progressed = True
         self._parsing = _Request(self)
         self._url.clear()
         self._header_bytes = 0
 
     def on_url(self, url: bytes) -> None:
+        self._progressed = True
         self._url += url
         if len(self._url) > MAX_TARGET_BYTES:
             raise _Refused(UriTooLong(f"The request target exceeds {MAX_TARGET_BYTES} bytes"))
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._progressed = True
         request = self._parsing
         assert request is not None
         if request.method:
@@ -397,6 +421,7 @@ class ClientConnection(ReadsIntoBuffer):
         request.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        self._progressed = True
         request = self._parsing
         assert request is not None
         self._cancel_idle_timer()
@@ -445,10 +470,12 @@ class ClientConnection(ReadsIntoBuffer):
             self._next()
 
     def on_body(self, body: bytes) -> None:
+        self._progressed = True
         if self._parsing is not None:
             self._parsing.body.feed(body)
 
     def on_message_complete(self) -> None:
+        self._progressed = True
         if self._parsing is not None and not self._parsing.upgrade:
             self._parsing.body.finish()
             self._parsing = None
@@ -558,6 +585,9 @@ class ClientConnection(ReadsIntoBuffer):
                 self._task = self._loop.create_task(self._serve(request))
             return
         self._serving = None
+        if self._refusal is not None:
+            self._send_refusal()
+            return
         if self._pending_upgrade is not None:
             self._hand_over(*self._pending_upgrade)
             return
@@ -630,9 +660,7 @@ class ClientConnection(ReadsIntoBuffer):
         self._express = None
         if self.lost:
             return
-        if self._refusal is not None:
-            self._send_refusal()
-        elif keep_alive:
+        if keep_alive:
             if self._queue:
                 # Not from inside the upstream connection's parser callback, which may have
                 # just put that connection back in the pool for the next request to take.
@@ -817,17 +845,17 @@ class ClientConnection(ReadsIntoBuffer):
         self._refusal = error
         self.pause_reading("refused")
         broken, self._parsing = self._parsing, None
-        if self._express is not None:
-            self._queue.clear()  # _Express.finish sends the refusal after its answer
-        elif self._task is not None:
-            self._queue.clear()
-            if broken is not None and broken is self._serving:
-                # Its body turned out malformed: it must not reach (or finish reaching) the
-                # upstream. A task that has not run yet never starts.
-                self._task.cancel()
+        if broken is not None and broken in self._queue:
+            self._queue.remove(broken)  # its head was sound; its body is not
+        if self._task is not None and broken is not None and broken is self._serving:
+            # Its body turned out malformed: it must not reach (or finish reaching) the
+            # upstream. A task that has not run yet never starts.
+            self._task.cancel()
             self._task.add_done_callback(lambda _: self._send_refusal())
-        else:
+        elif not self._busy and not self._queue:
             self._send_refusal()
+        # Else the sound requests pipelined before it are answered first, in order, as nginx
+        # does; _next() sends the refusal once they are.
 
     def _send_refusal(self) -> None:
         error = self._refusal
@@ -835,9 +863,17 @@ class ClientConnection(ReadsIntoBuffer):
             return
         if self._transport.is_closing():
             return  # an answer was under way and has been cut
+        transport = self._transport
         self.flush()
-        self._transport.write(_refusal_bytes(error))
-        self._transport.close()
+        transport.write(_refusal_bytes(error))
+        # Closing with unread input sends a reset, which can destroy the answer before the
+        # client reads it: half-close, read on and discard (data_received) for a moment,
+        # then close, as nginx's lingering_close does.
+        transport.write_eof()
+        self._stop_idle_timer()
+        self._paused_by.clear()
+        transport.resume_reading()
+        self._loop.call_later(_LINGER_SECONDS, transport.close)
 
     def log_error(self, request: _Request, exc: ProxyError) -> None:
         errors_log.warning(

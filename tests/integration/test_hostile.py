@@ -309,6 +309,22 @@ async def test_request_smuggling_shapes_are_400_and_not_forwarded(
     assert_refused(await exchange(proxy.url, raw), aoai)
 
 
+@pytest.mark.parametrize("sound", [1, 2])
+async def test_sound_requests_pipelined_before_a_malformed_one_are_answered_first(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn, sound: int
+) -> None:
+    # As nginx: each request before the bad one gets its answer, in order; then the 400.
+    first = b"GET /openai/models?n=%d HTTP/1.1\r\n" + HOST + b"\r\n"
+    malformed = b"GET /c HTTP/1.1\r\n" + HOST + b"X-A: a\x01b\r\n\r\n"
+    raw = b"".join(first % n for n in range(sound)) + malformed
+    answer = await exchange(proxy.url, raw)
+    assert answer.statuses == [404] * sound + [400]  # the stand-in's 404, then the refusal
+    assert answer.closed
+    assert [seen.raw_path for seen in aoai.requests] == [
+        f"/openai/models?n={n}" for n in range(sound)
+    ]
+
+
 @pytest.mark.parametrize("raw", SMUGGLING_SHAPES)
 async def test_a_request_pipelined_after_a_smuggling_attempt_is_not_forwarded_either(
     proxy: RunningProxy, aoai: AzureOpenAIStandIn, raw: bytes
@@ -393,6 +409,58 @@ async def test_a_header_line_just_under_the_limit_is_forwarded(
     answer = await exchange(proxy.url, get(CLOSE, b"X-Big: " + b"v" * MAX_FIELD_BYTES + b"\r\n"))
     assert answer.statuses == [404]  # the upstream's own answer: it was forwarded
     assert len(aoai.requests) == 1
+
+
+async def trickle(url: str, start: bytes, piece: bytes, *, pieces: int) -> tuple[Answer, int]:
+    """Send `start`, then `piece` after `piece` (each read on its own) until the proxy answers
+    or closes, at most `pieces` of them; the answer and how many bytes were sent."""
+    host, port = url.removeprefix("http://").split(":")
+    transport, collector = await asyncio.get_running_loop().create_connection(
+        _Collector, host, int(port)
+    )
+    sent = len(start)
+    try:
+        transport.write(start)
+        for _ in range(pieces):
+            if collector.data or collector.closed.is_set() or transport.is_closing():
+                break
+            transport.write(piece)
+            sent += len(piece)
+            await asyncio.sleep(0.005)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(collector.closed.wait(), 1.0)
+        return Answer(parse_responses(bytes(collector.data)), collector.closed.is_set()), sent
+    finally:
+        transport.close()
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"GET /openai/models HTTP/1.1\r\n" + HOST + b"X-Big: ", id="value"),
+        pytest.param(b"GET /openai/models HTTP/1.1\r\n" + HOST + b"X-", id="name"),
+        pytest.param(
+            b"POST /openai/models HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+            b"1\r\na\r\n0\r\nX-Trailer: ",
+            id="trailer",
+        ),
+        pytest.param(
+            b"POST /openai/models HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n1;",
+            id="chunk-extension",
+        ),
+    ],
+)
+async def test_a_line_that_never_ends_is_431_within_a_few_field_sizes(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn, start: bytes
+) -> None:
+    # The parser holds an unfinished field; without a bound, 16 MiB of it cost memory and,
+    # joined piece by piece, seconds of CPU (nginx: large_client_header_buffers).
+    answer, sent = await trickle(proxy.url, start, b"a" * 4096, pieces=64)
+    assert answer.statuses == [431], answer
+    assert answer.closed
+    assert sent < 4 * MAX_FIELD_BYTES
+    if b"chunked" not in start:
+        assert aoai.requests == []
 
 
 @pytest.mark.parametrize(
