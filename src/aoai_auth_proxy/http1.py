@@ -308,6 +308,7 @@ class ClientConnection(ReadsIntoBuffer):
         self._idle_deadline = 0.0  # loop time; 0: not waiting for a request head
         self._pending_upgrade: tuple[_Request, bytes] | None = None
         self._refusal: ProxyError | None = None
+        self._lingering = False  # answered for the last time: input is discarded
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._holding = 0
@@ -322,8 +323,8 @@ class ClientConnection(ReadsIntoBuffer):
         self._arm_idle_timer()
 
     def data_received(self, data: bytes | memoryview) -> None:
-        if self._refusal is not None or self._pending_upgrade is not None:
-            return  # nothing after a refused request or an upgrade head is read as HTTP
+        if self._refusal is not None or self._pending_upgrade is not None or self._lingering:
+            return  # nothing after a refused request, an upgrade head or the end is HTTP
         self._progressed = False
         try:
             self._parser.feed_data(data)
@@ -747,8 +748,11 @@ class ClientConnection(ReadsIntoBuffer):
             self._next()
         elif not self.lost and self._transport is not None:
             self._task = None
-            self.flush()
-            self._transport.close()
+            if request.body.done:
+                self.flush()
+                self._transport.close()
+            else:  # answered before its body was in (an early upstream answer, an error)
+                self._close_lingering()
 
     async def _answer(
         self, request: _Request, path: str, response: _Response, *, rejected: str | None
@@ -863,12 +867,19 @@ class ClientConnection(ReadsIntoBuffer):
             return
         if self._transport.is_closing():
             return  # an answer was under way and has been cut
-        transport = self._transport
         self.flush()
-        transport.write(_refusal_bytes(error))
-        # Closing with unread input sends a reset, which can destroy the answer before the
-        # client reads it: half-close, read on and discard (data_received) for a moment,
-        # then close, as nginx's lingering_close does.
+        self._transport.write(_refusal_bytes(error))
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """Close a connection that may have unread input after its last answer. Closing
+        with unread input sends a reset, which can destroy that answer before the client
+        reads it: half-close, read on and discard (data_received) for a moment, then close,
+        as nginx's lingering_close does."""
+        transport = self._transport
+        assert transport is not None
+        self._lingering = True
+        self.flush()
         transport.write_eof()
         self._stop_idle_timer()
         self._paused_by.clear()

@@ -168,6 +168,7 @@ class PooledConnection(ReadsIntoBuffer):
         self._received_any = False
         self._framed = False  # Content-Length or chunked: EOF before the end is a failure
         self._error: _Failure | None = None
+        self._request_cut = False  # answered before the whole request body was sent
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -287,6 +288,8 @@ class PooledConnection(ReadsIntoBuffer):
             self._framed = True
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)  # a body still going out stops if this refuses it
         if self.sink is not None:
             self.sink.on_head(status, self.reason, self.headers)
         if self.head_request:
@@ -331,16 +334,43 @@ class PooledConnection(ReadsIntoBuffer):
         self._received_any = False
         self._framed = False
         self._error = None
+        self._request_cut = False
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes, seconds: float) -> bool:
+        """Send request bytes; False once the upstream has answered early, so the rest of
+        the body is not sent (RFC 9112 9.3: it "does not wish to receive" it) and the
+        connection is not reused. The answer is then relayed as any other. A send that the
+        upstream does not take within `seconds` fails (nginx's proxy_send_timeout)."""
         assert self.transport is not None
         if self._error is not None:
             raise self._error
+        if self._answered_early():
+            return False
         self.transport.write(data)
-        if self._can_write is not None and not self._can_write.done():
-            await self._can_write
-        if self.closed and self._error is not None:
+        can_write = self._can_write
+        if can_write is not None and not can_write.done():
+            timer = self._loop.call_later(seconds, self._send_timed_out, can_write)
+            try:
+                await can_write
+            finally:
+                timer.cancel()
+        if self._error is not None:
             raise self._error
+        return not self._answered_early()
+
+    def _answered_early(self) -> bool:
+        # A final head that refuses the request (3xx-5xx), or any complete answer on a
+        # connection the upstream has closed: nothing more of the body can be sent.
+        if self.status >= 300 or (self.status and self.closed):
+            self._request_cut = True
+            return True
+        return False
+
+    def _send_timed_out(self, waiter: asyncio.Future[None]) -> None:
+        if not self._answered_early():
+            self._fail("did not read the request body in time", kind="timeout")
+        if not waiter.done():
+            waiter.set_result(None)
 
     async def wait_head(self, seconds: float) -> None:
         assert self._head is not None
@@ -425,7 +455,7 @@ class PooledConnection(ReadsIntoBuffer):
 
     def _finish(self, *, keep_alive: bool) -> None:
         self.complete = True
-        self.keep_alive = keep_alive
+        self.keep_alive = keep_alive and not self._request_cut
         self._wake()
         sink = self.sink
         if sink is not None:
@@ -510,7 +540,9 @@ class _Exchange:
             connection = await pool.acquire(origin)
             self._connection = connection
             try:
-                await _send(connection, request.method, target, request.headers, body)
+                await _send(
+                    connection, request.method, target, request.headers, body, pool.read_timeout
+                )
                 await connection.wait_head(pool.read_timeout)
             except _Failure as failure:
                 connection.close()
@@ -577,19 +609,23 @@ async def _send(
     target: str,
     headers: Sequence[tuple[str, str]],
     body: AsyncIterable[bytes] | bytes | None,
+    seconds: float,
 ) -> None:
     connection.begin(method)
     head, chunked = request_head(method, target, headers, body)
     if body is None or isinstance(body, bytes):
-        await connection.write(head + body if body else head)
+        await connection.write(head + body if body else head, seconds)
         return
-    await connection.write(head)
+    if not await connection.write(head, seconds):
+        return
     async for piece in body:
         if not piece:
             continue
-        await connection.write(b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece)
+        framed = b"%x\r\n%b\r\n" % (len(piece), piece) if chunked else piece
+        if not await connection.write(framed, seconds):
+            return  # answered early: the answer is relayed, the rest of the body is not sent
     if chunked:
-        await connection.write(b"0\r\n\r\n")
+        await connection.write(b"0\r\n\r\n", seconds)
 
 
 def _may_resend(failure: _Failure, method: str) -> bool:

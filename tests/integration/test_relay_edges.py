@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import re
@@ -739,6 +740,76 @@ async def test_a_close_delimited_answer_on_a_pooled_connection_ends_with_the_clo
     assert (answer.status, answer.body, answer.framing) == (404, b"bye", "chunked")
     assert after.body == b"GET /after HTTP/1.1\n"
     assert [r.connection for r in upstream.requests] == [0, 0, 1]
+
+
+EARLY_ANSWER = b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 2\r\n\r\n{}"
+
+
+@pytest.mark.parametrize("then", ["half-closes", "stops-reading"])
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_an_answer_before_the_body_is_read_reaches_the_client_at_once(
+    make_proxy: ProxyFactory, then: str, framing: str
+) -> None:
+    # An upstream may answer (413, 401) before it reads the body, then close or stop
+    # reading (RFC 9112 9.3). The answer goes to the client as it is, the rest of the body
+    # is not sent on, and the client's connection closes after it.
+    release = asyncio.Event()
+    writers: list[asyncio.StreamWriter] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(EARLY_ANSWER)
+        await writer.drain()
+        if then == "stops-reading":
+            await release.wait()
+        else:  # half-close and discard what still comes, so that its close sends no reset
+            writer.write_eof()
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(1):
+                    while await reader.read(64 * KIB):
+                        pass
+        writer.close()
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # it fills at once
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    server = await asyncio.start_server(serve, sock=sock)
+    url = (await make_proxy(API_BASE_URL=f"http://127.0.0.1:{sock.getsockname()[1]}")).url
+    size = 32 * MIB
+    if framing == "length":
+        head = b"POST /up HTTP/1.1\r\n" + HOST + b"Content-Length: %d\r\n\r\n" % size
+    else:
+        head = b"POST /up HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+    block = b"x" * (64 * KIB)
+    piece = b"10000\r\n" + block + b"\r\n" if framing == "chunked" else block
+    client = await Client.connect(url)
+
+    async def send_body() -> None:  # until the proxy stops reading it
+        client.writer.write(head)
+        for _ in range(size // len(block)):
+            client.writer.write(piece)
+            await client.writer.drain()
+
+    sending = asyncio.create_task(send_body())
+    try:
+        answer = await client.read_response(method=b"POST")
+        assert answer.status == 413
+        assert answer.body == b"{}"
+        assert answer.header_values(b"connection") == [b"close"]
+        assert not sending.done() or sending.exception() is not None, "the whole body was read"
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        client.writer.transport.abort()
+        release.set()
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_closed()
 
 
 # -- backpressure from a slow client ---------------------------------------------------------------
