@@ -89,6 +89,12 @@ class UnsupportedCoding(ProxyError):
     closes_connection = True
 
 
+class RequestTimeout(ProxyError):
+    status = 408
+    code = "request_timeout"
+    closes_connection = True
+
+
 class MethodNotImplemented(ProxyError):
     status = 501
     code = "method_not_supported"

@@ -45,6 +45,7 @@ from .errors import (
     ExpectationFailed,
     HeadersTooLarge,
     ProxyError,
+    RequestTimeout,
     UriTooLong,
     VersionNotSupported,
 )
@@ -142,6 +143,7 @@ class _Body:
             self.expect_continue = False
             if not self.received and not self.done:  # it did not send the body unasked
                 self._connection.write(_CONTINUE)
+                self._connection._arm_idle_timer()  # the body is due now
         while not self._pieces:
             if self.done:
                 return b""
@@ -309,6 +311,7 @@ class ClientConnection(ReadsIntoBuffer):
         self._pending_upgrade: tuple[_Request, bytes] | None = None
         self._refusal: ProxyError | None = None
         self._lingering = False  # answered for the last time: input is discarded
+        self._send_timer: asyncio.TimerHandle | None = None  # while the client reads nothing
         self._out: list[bytes] = []
         self._out_bytes = 0
         self._holding = 0
@@ -328,6 +331,11 @@ class ClientConnection(ReadsIntoBuffer):
         self._progressed = False
         try:
             self._parser.feed_data(data)
+            request = self._parsing
+            if request is not None and request.method and not request.body.expect_continue:
+                # A body still to come: PROXY_HEADER_TIMEOUT from each read to the next
+                # (nginx's client_body_timeout); its 100 Continue, if asked for, arms it.
+                self._arm_idle_timer()
             if self._progressed:
                 self._stalled_bytes = 0
             else:
@@ -368,6 +376,9 @@ class ClientConnection(ReadsIntoBuffer):
         self.lost = True
         self._frontend.connections.discard(self)
         self._stop_idle_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
         for request in (self._parsing, *self._queue):
@@ -383,14 +394,29 @@ class ClientConnection(ReadsIntoBuffer):
     def pause_writing(self) -> None:
         if self._can_write is None or self._can_write.done():
             self._can_write = self._loop.create_future()
+        if self._send_timer is None:
+            # A client that reads nothing for PROXY_HEADER_TIMEOUT is cut off (nginx's
+            # send_timeout): it would hold its upstream request and buffers for ever.
+            timeout = self._frontend.settings.header_timeout
+            self._send_timer = self._loop.call_later(timeout, self._send_timed_out)
         if self._express is not None:
             self._express.client_paused()
 
     def resume_writing(self) -> None:
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._express is not None:
             self._express.client_resumed()
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        if self._transport is not None and not self.lost:
+            timeout = self._frontend.settings.header_timeout
+            log.warning("a client read nothing for %g s (PROXY_HEADER_TIMEOUT): cut off", timeout)
+            self._transport.abort()
 
     # -- httptools callbacks ----------------------------------------------------------------
 
@@ -477,6 +503,7 @@ class ClientConnection(ReadsIntoBuffer):
 
     def on_message_complete(self) -> None:
         self._progressed = True
+        self._cancel_idle_timer()  # the body is in
         if self._parsing is not None and not self._parsing.upgrade:
             self._parsing.body.finish()
             self._parsing = None
@@ -925,6 +952,12 @@ class ClientConnection(ReadsIntoBuffer):
             self._idle_timer = self._loop.call_later(remaining, self._idle_check)
             return
         self._idle_deadline = 0.0
+        request = self._parsing
+        if request is not None and request.method and self._refusal is None and not self.lost:
+            timeout = self._frontend.settings.header_timeout
+            message = f"The request body stalled: nothing arrived for {timeout:g} s"
+            self._refuse(RequestTimeout(f"{message} (PROXY_HEADER_TIMEOUT)"))
+            return
         if not self._busy and self._transport is not None:
             self.flush()
             self._transport.close()

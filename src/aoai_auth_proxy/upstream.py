@@ -143,6 +143,7 @@ class PooledConnection(ReadsIntoBuffer):
         self._method = ""
         self._timer: asyncio.TimerHandle | None = None
         self._timing = False  # an express exchange's read timeout applies
+        self._held_timing = False  # it did, until the client stopped reading
         self._timeout = 0.0
         self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
@@ -423,12 +424,18 @@ class PooledConnection(ReadsIntoBuffer):
             self._timer = self._loop.call_later(seconds, self._check_idle)
 
     def pause_for_client(self) -> None:
+        """The client is not reading: stop reading from the upstream too. The read timeout
+        stops meanwhile; the client's send timeout (http1.py) bounds the wait instead."""
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            self._held_timing, self._timing = self._timing, False
 
     def resume_for_client(self) -> None:
         if self.transport is not None and not self.closed:
             self.transport.resume_reading()
+            if self._held_timing:
+                self._held_timing = False
+                self.start_timer(self._timeout)
 
     def _check_idle(self) -> None:
         self._timer = None

@@ -867,6 +867,105 @@ async def test_a_client_that_does_not_read_stalls_the_upstream(
     assert digest.hexdigest() == sent.hexdigest()
 
 
+async def until(condition: Callable[[], bool], *, seconds: float) -> None:
+    """Poll `condition` until it holds; TimeoutError after `seconds`."""
+    async with asyncio.timeout(seconds):
+        while not condition():  # noqa: ASYNC110 - the proxy's state has no event to wait on
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("way", ["task", "express"])
+async def test_a_client_that_reads_nothing_for_the_header_timeout_is_cut_off(
+    make_proxy: ProxyFactory, upstream: RawUpstream, way: str
+) -> None:
+    # nginx's send_timeout: a client that leaves its answer unread does not hold the upstream
+    # request (and its buffers) for ever. The express way must not blame the upstream.
+    progress = Progress()
+
+    async def respond(received: Received, writer: asyncio.StreamWriter) -> bool:
+        if received.target != b"/big":
+            return await echo(received, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG_RESPONSE)
+        for _ in range(BIG_RESPONSE // len(BLOCK)):
+            writer.write(BLOCK)
+            await writer.drain()
+            progress.sent += len(BLOCK)
+        return True
+
+    upstream.respond = respond
+    upstream.send_buffer = 64 * KIB
+    url = await proxied(make_proxy, upstream, PROXY_HEADER_TIMEOUT="1", PROXY_READ_TIMEOUT="30")
+    client = await Client.connect(url, receive_buffer=64 * KIB)
+    try:
+        if way == "express":  # a pooled upstream connection is idle: the express way takes it
+            assert (await client.request(get(b"/first"))).status == 200
+        await client.send(get(b"/big"))
+        await until(lambda: progress.sent > 0, seconds=TIMEOUT)
+        # reads nothing: within the timeout (and slack) the proxy lets the upstream go
+        await until(lambda: upstream.open_connections == 0, seconds=4.0)
+        assert progress.sent < BIG_RESPONSE
+        async with asyncio.timeout(TIMEOUT):
+            with contextlib.suppress(ConnectionError):
+                while await client.reader.read(MIB):
+                    pass  # what the buffers held, then the end
+    finally:
+        await client.close()
+
+
+STALLED_BODIES = [
+    pytest.param(post(b"/up", b"0123456789")[:-9], id="kept-body"),
+    pytest.param(
+        b"POST /up HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n",
+        id="streamed-body",
+    ),
+    pytest.param(
+        b"POST /up HTTP/1.1\r\n" + HOST + b"Expect: 100-continue\r\nContent-Length: 10\r\n\r\n",
+        id="after-100-continue",
+    ),
+]
+
+
+@pytest.mark.parametrize("raw", STALLED_BODIES)
+async def test_a_request_body_that_stalls_for_the_header_timeout_is_408(
+    make_proxy: ProxyFactory, upstream: RawUpstream, raw: bytes
+) -> None:
+    # nginx's client_body_timeout: a body that stops coming does not hold the connection
+    # (and an upstream connection) for ever.
+    upstream.respond = echo
+    url = await proxied(make_proxy, upstream, PROXY_HEADER_TIMEOUT="1")
+    client = await Client.connect(url)
+    try:
+        await client.send(raw)
+        head = await client.read_head()
+        if head.startswith(b"HTTP/1.1 100 "):
+            head = await client.read_head()
+        body = await Body(client.reader, head, method=b"POST").read_all()
+        async with asyncio.timeout(TIMEOUT):
+            assert await client.reader.read() == b""  # and closed
+    finally:
+        await client.close()
+    assert head.startswith(b"HTTP/1.1 408 ")
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+    assert upstream.requests == []
+
+
+async def test_a_slow_but_steady_body_is_not_cut_off(
+    make_proxy: ProxyFactory, upstream: RawUpstream
+) -> None:
+    upstream.respond = echo
+    url = await proxied(make_proxy, upstream, PROXY_HEADER_TIMEOUT="1")
+    client = await Client.connect(url)
+    try:
+        await client.send(post(b"/up", b"abcdef")[:-6])
+        for byte in b"abcdef":  # 2.4 s in all, never 1 s without a byte
+            await asyncio.sleep(0.4)
+            await client.send(bytes([byte]))
+        response = await client.read_response(method=b"POST")
+    finally:
+        await client.close()
+    assert response.body == b"POST /up HTTP/1.1\nabcdef"
+
+
 # -- non-UTF-8 header bytes ------------------------------------------------------------------------
 
 
