@@ -387,10 +387,11 @@ class PooledConnection(ReadsIntoBuffer):
     async def read(self, seconds: float) -> bytes:
         """The next body bytes as they arrived; b"" at the end of the body."""
         while not self._chunks:
+            if self.complete:
+                # Whole: bytes after it are the connection's fault (it closes), not the answer's.
+                return b""
             if self._error is not None:
                 raise self._error
-            if self.complete:
-                return b""
             self._waiter = self._loop.create_future()
             timer = self._loop.call_later(seconds, self._timed_out, self._waiter)
             try:

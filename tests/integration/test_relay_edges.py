@@ -812,6 +812,39 @@ async def test_an_answer_before_the_body_is_read_reaches_the_client_at_once(
             await server.wait_closed()
 
 
+@pytest.mark.parametrize(
+    ("raw", "status", "body"),
+    [
+        pytest.param(
+            b"HTTP/1.1 204 No Content\r\nContent-Length: 3\r\n\r\nabc", 204, b"", id="204"
+        ),
+        pytest.param(sized(b"abc") + b"JUNK", 200, b"abc", id="sized"),
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\nJUNK",
+            200,
+            b"abc",
+            id="chunked",
+        ),
+    ],
+)
+@pytest.mark.parametrize("way", ["task", "express"])
+async def test_bytes_after_a_whole_answer_do_not_spoil_it_and_the_connection_is_not_reused(
+    make_proxy: ProxyFactory, upstream: RawUpstream, raw: bytes, status: int, body: bytes, way: str
+) -> None:
+    upstream.respond = reply_at(b"/junk", raw)
+    client = await Client.connect(await proxied(make_proxy, upstream))
+    try:
+        if way == "express":
+            assert (await client.request(get(b"/first"))).status == 200
+        answer = await client.request(get(b"/junk"))
+        after = await client.request(get(b"/after"))
+    finally:
+        await client.close()
+    assert (answer.status, answer.body) == (status, body)
+    assert after.body == b"GET /after HTTP/1.1\n"
+    assert upstream.requests[-1].connection != upstream.requests[-2].connection
+
+
 # -- backpressure from a slow client ---------------------------------------------------------------
 
 BIG_RESPONSE = 64 * MIB
