@@ -488,6 +488,12 @@ class ClientConnection(ReadsIntoBuffer):
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
             raise _Refused(BadFraming("An HTTP/1.1 request must carry a Host header"))
         if request.upgrade:
+            offer = request.upgrade_offer
+            if offer is not None and request.method != "CONNECT" and not _is_websocket(offer):
+                # h2c and other upgrades through a proxy are a known smuggling path; what
+                # follows such a head is not HTTP/1.1 the proxy can read, so the connection
+                # ends after the requests before it are answered.
+                raise _Refused(BadRequest(f"Upgrade to {_text(offer)!r} is not supported"))
             return  # httptools raises HttpParserUpgrade next: see data_received
         request.body.kept = not request.streams(self._frontend.settings)
         self._queue.append(request)
@@ -961,6 +967,11 @@ class ClientConnection(ReadsIntoBuffer):
         if not self._busy and self._transport is not None:
             self.flush()
             self._transport.close()
+
+
+def _is_websocket(offer: bytes) -> bool:
+    """Whether an Upgrade header offers WebSocket (RFC 6455 4.1), the one upgrade relayed."""
+    return any(token.strip().lower() == b"websocket" for token in offer.split(b","))
 
 
 _RESERVED = frozenset((*HEALTH_PATHS, METRICS_PATH))

@@ -325,6 +325,21 @@ async def test_sound_requests_pipelined_before_a_malformed_one_are_answered_firs
     ]
 
 
+async def test_an_unsupported_upgrade_ends_the_connection_after_the_requests_before_it(
+    proxy: RunningProxy, aoai: AzureOpenAIStandIn
+) -> None:
+    # What follows an h2c offer is not HTTP/1.1 the proxy could read: the request before it is
+    # answered, the offer refused, and nothing after it read (it once waited for the header
+    # timeout, and swallowed the request after it).
+    first = b"GET /openai/models?n=0 HTTP/1.1\r\n" + HOST + b"\r\n"
+    h2c = b"GET /openai/x HTTP/1.1\r\n" + HOST + b"Connection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+    answer = await exchange(proxy.url, first + h2c + SMUGGLED)
+    assert answer.statuses == [404, 400]
+    assert b"is not supported" in answer.responses[1].body
+    assert answer.closed
+    assert [seen.raw_path for seen in aoai.requests] == ["/openai/models?n=0"]
+
+
 @pytest.mark.parametrize("raw", SMUGGLING_SHAPES)
 async def test_a_request_pipelined_after_a_smuggling_attempt_is_not_forwarded_either(
     proxy: RunningProxy, aoai: AzureOpenAIStandIn, raw: bytes
