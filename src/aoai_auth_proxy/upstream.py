@@ -256,8 +256,17 @@ class PooledConnection(ReadsIntoBuffer):
                 kind="protocol",
                 before_response=False,
             )
-        if len(name) in (14, 17) and name.lower() in _FRAMING:
+        if len(name) in (14, 17) and (lowered := name.lower()) in _FRAMING:
             self._framed = True  # Content-Length or Transfer-Encoding
+            if lowered == b"transfer-encoding" and value.strip().lower() != b"chunked":
+                # Any other coding (gzip, chunked) would reach the client undecoded under a
+                # plain chunked framing; nginx refuses these too (RFC 9112 6.1).
+                raise _Failure(
+                    f"Upstream sent Transfer-Encoding {value.decode('latin-1')!r}, which the "
+                    "proxy cannot relay",
+                    kind="protocol",
+                    before_response=False,
+                )
         # latin-1: one character per byte, so the client gets exactly these bytes
         headers.append((name.decode("latin-1"), value.decode("latin-1")))
 

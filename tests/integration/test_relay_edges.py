@@ -845,6 +845,25 @@ async def test_bytes_after_a_whole_answer_do_not_spoil_it_and_the_connection_is_
     assert upstream.requests[-1].connection != upstream.requests[-2].connection
 
 
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"chunked, gzip", b"deflate"])
+@pytest.mark.parametrize("way", ["task", "express"])
+async def test_a_response_transfer_coding_other_than_chunked_is_a_502_json(
+    make_proxy: ProxyFactory, upstream: RawUpstream, coding: bytes, way: str
+) -> None:
+    # Relayed under a plain chunked framing, its bytes would reach the client undecoded.
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    upstream.respond = reply_at(b"/coded", raw)
+    client = await Client.connect(await proxied(make_proxy, upstream))
+    try:
+        if way == "express":
+            assert (await client.request(get(b"/first"))).status == 200
+        answer = await client.request(get(b"/coded"))
+    finally:
+        await client.close()
+    assert answer.status == 502
+    assert "Transfer-Encoding" in answer.json()["error"]["message"]  # type: ignore[index]
+
+
 # -- backpressure from a slow client ---------------------------------------------------------------
 
 BIG_RESPONSE = 64 * MIB
