@@ -11,10 +11,10 @@ connection and back from that connection's parser callbacks, with no task, corou
 buffer. Everything else (streamed bodies, probes, errors, a 401 to replay, no idle upstream
 connection) is served by a task running `relay.forward`.
 
-What it does not do itself, it hands over: an upgrade request (WebSocket, and CONNECT, which
-llhttp also reports as an upgrade) goes to aiohttp's server with the connection, where
-`websocket.py` serves it. The request head is rebuilt from what llhttp parsed and replayed,
-with the bytes that followed it.
+What it does not do itself, it hands over: a WebSocket handshake goes to aiohttp's server with
+the connection, where `websocket.py` serves it. The request head is rebuilt from what llhttp
+parsed and replayed, with the bytes that followed it. Other upgrades (h2c) and CONNECT, which
+llhttp also reports as upgrades, are refused here.
 
 Framing toward the client (RFC 9112 6): a response with Content-Length keeps it and its
 bytes; a response without one is sent chunked to an HTTP/1.1 client and close-delimited to
@@ -44,6 +44,7 @@ from .errors import (
     BadRequest,
     ExpectationFailed,
     HeadersTooLarge,
+    MethodNotImplemented,
     ProxyError,
     RequestTimeout,
     UriTooLong,
@@ -487,9 +488,12 @@ class ClientConnection(ReadsIntoBuffer):
         if b"host" not in seen and request.version >= (1, 1):
             # RFC 9112 3.2: a server MUST answer 400 to an HTTP/1.1 request without Host.
             raise _Refused(BadFraming("An HTTP/1.1 request must carry a Host header"))
+        if request.method == "CONNECT":
+            # Never a tunnel to anywhere; and what follows the head would be the tunnel's.
+            raise _Refused(MethodNotImplemented("The proxy does not forward CONNECT requests"))
         if request.upgrade:
             offer = request.upgrade_offer
-            if offer is not None and request.method != "CONNECT" and not _is_websocket(offer):
+            if offer is not None and not _is_websocket(offer):
                 # h2c and other upgrades through a proxy are a known smuggling path; what
                 # follows such a head is not HTTP/1.1 the proxy can read, so the connection
                 # ends after the requests before it are answered.
@@ -851,7 +855,7 @@ class ClientConnection(ReadsIntoBuffer):
         )
 
     def _hand_over(self, request: _Request, tail: bytes) -> None:
-        """Give the connection to aiohttp's server (WebSocket, CONNECT) with the request
+        """Give the connection to aiohttp's server (a WebSocket handshake) with the request
         head rebuilt from what llhttp parsed, and the bytes that followed it."""
         self._pending_upgrade = None
         self._frontend.connections.discard(self)

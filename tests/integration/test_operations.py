@@ -169,8 +169,13 @@ async def test_inbound_key_is_required_compared_and_stripped(
             assert r.status == 200  # probes need no key
 
 
-# A CONNECT head hands the connection to aiohttp's server, which answers it 404 and reads on.
-HAND_OVER = b"CONNECT example.com:443 HTTP/1.1\r\nHost: localhost\r\napi-key: s3cret\r\n\r\n"
+# A WebSocket handshake hands the connection to aiohttp's server; when the upstream refuses
+# it (404: no such deployment), that server reads on.
+HAND_OVER = (
+    b"GET /openai/realtime?deployment=nope HTTP/1.1\r\nHost: localhost\r\napi-key: s3cret\r\n"
+    b"Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -196,7 +201,7 @@ async def test_only_get_and_head_probes_go_without_the_inbound_key(
     finally:
         await client.close()
     assert answer.status == 401
-    assert aoai.requests == []
+    assert [seen.raw_path for seen in aoai.requests if seen.method != "GET"] == []
 
 
 async def test_inbound_key_file_is_rotated_without_a_restart(
