@@ -53,6 +53,7 @@ from .errors import (
 from .forwarding import (
     REFUSED_METHODS,
     client_response_headers,
+    method_problem,
     redact_target,
     upstream_request_headers,
     upstream_request_id,
@@ -815,6 +816,11 @@ class ClientConnection(ReadsIntoBuffer):
             # rather than drop the header and let the two ends disagree on the protocol.
             offered = _text(request.upgrade_offer)
             raise BadRequest(f"Upgrade to {offered!r} is not supported")
+        # Refused before the body is asked for (100 Continue) or read: forward() would refuse
+        # these only once it had the body.
+        if problem := method_problem(request.method):
+            raise problem
+        upstream_url(frontend.settings.api_base_url, _text(request.target))
         body: Any = None
         length = request.content_length
         if request.chunked or (length is not None and length > frontend.settings.replay_max_bytes):

@@ -157,6 +157,25 @@ async def test_expect_100_continue_is_answered_by_the_proxy_and_the_body_forward
     assert b"expect:" not in raw.heads[-1].lower()
 
 
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [(b"POST /a/%2e%2e/b HTTP/1.1", 400), (b"TRACE /x HTTP/1.1", 501)],
+    ids=["dot-segment", "trace"],
+)
+async def test_a_request_refused_for_its_line_never_gets_100_continue(
+    make_proxy: ProxyFactory, raw: RawUpstream, line: bytes, status: int
+) -> None:
+    # The client waits for 100 before it sends the body; the refusal must come instead.
+    url = await proxy_to(make_proxy, raw)
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(line + b"\r\nHost: localhost\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 %d " % status)
+    assert raw.heads == []
+
+
 async def test_base_path_prefix_is_prepended_at_the_socket(
     make_proxy: ProxyFactory, aoai: AzureOpenAIStandIn
 ) -> None:
