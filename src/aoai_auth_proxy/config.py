@@ -28,8 +28,9 @@ DEFAULT_READ_TIMEOUT_SECONDS = 600.0
 DEFAULT_SHUTDOWN_TIMEOUT_SECONDS = 25.0
 DEFAULT_TOKEN_TIMEOUT_SECONDS = 30.0
 # A client has this long to send a request's headers, to pause within a body and to leave an
-# answer unread (and an idle keep-alive connection lives this long), like nginx's
-# client_header_timeout, client_body_timeout and send_timeout, whose defaults are all 60 s.
+# answer unread from the moment its buffers are full (and an idle keep-alive connection lives
+# this long), like nginx's client_header_timeout, client_body_timeout and send_timeout, whose
+# defaults are all 60 s.
 DEFAULT_HEADER_TIMEOUT_SECONDS = 60.0
 DEFAULT_ADMIN_HOST = "0.0.0.0"  # noqa: S104 - kubelet probes and Prometheus come from outside
 DEFAULT_REPLAY_MAX_BYTES = 1024 * 1024

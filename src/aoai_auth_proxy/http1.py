@@ -378,9 +378,7 @@ class ClientConnection(ReadsIntoBuffer):
         self.lost = True
         self._frontend.connections.discard(self)
         self._stop_idle_timer()
-        if self._send_timer is not None:
-            self._send_timer.cancel()
-            self._send_timer = None
+        self._stop_send_timer()
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
         for request in (self._parsing, *self._queue):
@@ -407,11 +405,14 @@ class ClientConnection(ReadsIntoBuffer):
     def resume_writing(self) -> None:
         if self._can_write is not None and not self._can_write.done():
             self._can_write.set_result(None)
+        self._stop_send_timer()
+        if self._express is not None:
+            self._express.client_resumed()
+
+    def _stop_send_timer(self) -> None:
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
-        if self._express is not None:
-            self._express.client_resumed()
 
     def _send_timed_out(self) -> None:
         self._send_timer = None
@@ -534,6 +535,9 @@ class ClientConnection(ReadsIntoBuffer):
         self._paused_by.discard(reason)
         if not self._paused_by and self._transport is not None and not self.lost:
             self._transport.resume_reading()
+            request = self._parsing
+            if request is not None and request.method:
+                self._arm_idle_timer()  # a body is due again: its timeout starts afresh
 
     def hold(self) -> None:
         """Writes from now until `release` go out together (an express exchange delivering
@@ -708,8 +712,7 @@ class ClientConnection(ReadsIntoBuffer):
             else:
                 self._next()
         elif self._transport is not None:
-            self.flush()
-            self._transport.close()
+            self._close()
 
     def express_fallback(
         self, express: _Express, request: _Request, body: bytes | None, rejected: str | None
@@ -786,11 +789,7 @@ class ClientConnection(ReadsIntoBuffer):
             self._next()
         elif not self.lost and self._transport is not None:
             self._task = None
-            if request.body.done:
-                self.flush()
-                self._transport.close()
-            else:  # answered before its body was in (an early upstream answer, an error)
-                self._close_lingering()
+            self._close()
 
     async def _answer(
         self, request: _Request, path: str, response: _Response, *, rejected: str | None
@@ -866,6 +865,7 @@ class ClientConnection(ReadsIntoBuffer):
         self._pending_upgrade = None
         self._frontend.connections.discard(self)
         self._stop_idle_timer()
+        self._stop_send_timer()  # aiohttp's protocol gets the transport's flow control now
         transport = self._transport
         assert transport is not None
         head = b"%s %s HTTP/%d.%d\r\n" % (
@@ -886,8 +886,8 @@ class ClientConnection(ReadsIntoBuffer):
         handler.data_received(head + tail)
 
     def _refuse(self, error: ProxyError) -> None:
-        """A request that cannot be parsed: answer it (after any answer in progress) and
-        close; nothing after it on the connection is read."""
+        """A request that cannot be served (malformed, too large, its body stalled): answer
+        it after the requests before it, then close; nothing after it is read."""
         log.warning("refused a malformed request: %s (HTTP %d)", error.message, error.status)
         self._refusal = error
         self.pause_reading("refused")
@@ -906,13 +906,24 @@ class ClientConnection(ReadsIntoBuffer):
 
     def _send_refusal(self) -> None:
         error = self._refusal
-        if error is None or self.lost or self._transport is None:
-            return
+        if error is None or self.lost or self._transport is None or self._lingering:
+            return  # (sent already: _next and a cancelled task's callback may both try)
         if self._transport.is_closing():
             return  # an answer was under way and has been cut
         self.flush()
         self._transport.write(_refusal_bytes(error))
         self._close_lingering()
+
+    def _close(self) -> None:
+        """Close after an answer that said `Connection: close`: at once, unless input may
+        be left unread (a body not read to its end, a refused or paused-on request)."""
+        request = self._serving
+        if self._refusal is not None or self._paused_by or (request and not request.body.done):
+            self._close_lingering()
+        else:
+            assert self._transport is not None
+            self.flush()
+            self._transport.close()
 
     def _close_lingering(self) -> None:
         """Close a connection that may have unread input after its last answer. Closing
@@ -942,7 +953,8 @@ class ClientConnection(ReadsIntoBuffer):
     def _arm_idle_timer(self) -> None:
         # A connection waiting for a request head gets PROXY_HEADER_TIMEOUT to send it
         # whole: idle keep-alive and slow-header clients alike (nginx's client_header_timeout).
-        # Arming sets a deadline; the loop timer is made only if none is pending: a
+        # While a body is due, each read re-arms it (client_body_timeout). Arming sets a
+        # deadline; the loop timer is made only if none is pending: a
         # keep-alive connection would otherwise make and cancel one per request.
         timeout = self._frontend.settings.header_timeout
         self._idle_deadline = self._loop.time() + timeout
@@ -962,7 +974,7 @@ class ClientConnection(ReadsIntoBuffer):
     def _idle_check(self) -> None:
         self._idle_timer = None
         if not self._idle_deadline:
-            return  # disarmed: a request came
+            return  # disarmed: a request (or its body) came
         remaining = self._idle_deadline - self._loop.time()
         if remaining > 0:  # re-armed since this timer was made
             self._idle_timer = self._loop.call_later(remaining, self._idle_check)
@@ -970,6 +982,9 @@ class ClientConnection(ReadsIntoBuffer):
         self._idle_deadline = 0.0
         request = self._parsing
         if request is not None and request.method and self._refusal is None and not self.lost:
+            if self._paused_by:  # the proxy is not reading (flow control, pipelining): not
+                self._arm_idle_timer()  # the client's pause; resume_reading re-arms as well
+                return
             timeout = self._frontend.settings.header_timeout
             message = f"The request body stalled: nothing arrived for {timeout:g} s"
             self._refuse(RequestTimeout(f"{message} (PROXY_HEADER_TIMEOUT)"))

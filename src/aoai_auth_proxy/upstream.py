@@ -14,8 +14,11 @@ Behaviour a caller can rely on (tested at the socket, tests/integration):
 - a request is sent once. Only an idempotent request (RFC 9110 9.2.2) that failed on a
   *reused* connection before a single response byte arrived is sent again, once, on a new
   connection: the upstream closed that idle connection as the request went out;
+- a connection is not reused either after an answer that came before the whole request
+  body was sent (an early 413: the rest is not sent), or after bytes that follow an answer;
 - the idle read timeout covers the wait for the response head and every gap between body
-  bytes; the connect timeout covers TCP and TLS.
+  bytes, except while the client is not reading (its own send timeout applies then); a send
+  the upstream does not take is bounded by it as well; the connect timeout covers TCP and TLS.
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ class PooledConnection(ReadsIntoBuffer):
         self._timer: asyncio.TimerHandle | None = None
         self._timing = False  # an express exchange's read timeout applies
         self._held_timing = False  # it did, until the client stopped reading
+        self._paused_for_client = False
         self._timeout = 0.0
         self._last_data = 0.0
         self.transport: asyncio.Transport | None = None
@@ -298,8 +302,8 @@ class PooledConnection(ReadsIntoBuffer):
             self._framed = True
         if self._head is not None and not self._head.done():
             self._head.set_result(None)
-        if self._can_write is not None and not self._can_write.done():
-            self._can_write.set_result(None)  # a body still going out stops if this refuses it
+        if status >= 300 and self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)  # a body still going out stops: it is refused
         if self.sink is not None:
             self.sink.on_head(status, self.reason, self.headers)
         if self.head_request:
@@ -438,10 +442,12 @@ class PooledConnection(ReadsIntoBuffer):
         stops meanwhile; the client's send timeout (http1.py) bounds the wait instead."""
         if self.transport is not None and not self.closed:
             self.transport.pause_reading()
+            self._paused_for_client = True
             self._held_timing, self._timing = self._timing, False
 
     def resume_for_client(self) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and self._paused_for_client:
+            self._paused_for_client = False
             self.transport.resume_reading()
             if self._held_timing:
                 self._held_timing = False
@@ -478,6 +484,10 @@ class PooledConnection(ReadsIntoBuffer):
         if sink is not None:
             self.sink = None
             self._stop_timer()
+            if self._paused_for_client:  # the read that ended it also filled the client's
+                self._paused_for_client = self._held_timing = False  # buffer: the next
+                if self.transport is not None and not self.closed:  # exchange reads again
+                    self.transport.resume_reading()
             if keep_alive:
                 self._pool.release(self.origin, self)
             else:

@@ -93,8 +93,8 @@ def end_to_end(fields: Fields, dropped: set[bytes]) -> Fields:
 
 
 def expected_target(target: bytes) -> bytes:
-    """The request target minus `api-key` query parameters (any case or encoding); the `?`
-    goes only when removing them emptied the query."""
+    """The request target minus `api-key` and `subscription-key` query parameters (any case
+    or encoding); the `?` goes only when removing them emptied the query."""
     path, question, query = target.partition(b"?")
     if not question:
         return target

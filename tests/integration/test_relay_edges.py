@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import re
 import socket
 import ssl
@@ -134,6 +135,7 @@ class RawUpstream:
         self.connections = 0
         self.problems: list[str] = []  # requests it could not read: framing the proxy broke
         self.send_buffer: int | None = None  # SO_SNDBUF for accepted sockets
+        self.receive_delay = 0.0  # seconds between reading a request's head and its body
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
 
@@ -169,6 +171,8 @@ class RawUpstream:
                     head = await reader.readuntil(b"\r\n\r\n")
                 except asyncio.IncompleteReadError:
                     break  # closed between requests
+                if self.receive_delay:
+                    await asyncio.sleep(self.receive_delay)
                 body, raw_body = await _read_body(reader, parse_fields(head))
                 received = Received(number, head, body, head + raw_body, self._verify(head))
                 self.requests.append(received)
@@ -864,6 +868,59 @@ async def test_a_response_transfer_coding_other_than_chunked_is_a_502_json(
     assert "Transfer-Encoding" in answer.json()["error"]["message"]  # type: ignore[index]
 
 
+async def test_an_early_2xx_answer_keeps_the_body_flow_controlled(make_proxy: ProxyFactory) -> None:
+    # An upstream may answer 200 at once and read the body afterwards (full duplex). The
+    # proxy goes on sending it, at the pace the upstream reads: the client is held back,
+    # not buffered in the proxy's memory.
+    release, drained = asyncio.Event(), asyncio.Event()
+    received = 0
+    size = 32 * MIB
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal received
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.sleep(0.5)  # the proxy fills the socket's buffers and waits to send
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await release.wait()
+        while received < size and (data := await reader.read(MIB)):
+            received += len(data)
+        drained.set()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    url = (await make_proxy(API_BASE_URL=f"http://127.0.0.1:{port}")).url
+    client = await Client.connect(url)
+
+    async def send_body() -> None:
+        client.writer.write(b"POST /up HTTP/1.1\r\n" + HOST + b"Content-Length: %d\r\n\r\n" % size)
+        block = b"x" * MIB
+        for _ in range(size // MIB):
+            client.writer.write(block)
+            await client.writer.drain()
+
+    sending = asyncio.create_task(send_body())
+    try:
+        await asyncio.sleep(1.5)
+        assert not sending.done(), "the proxy took the whole body while the upstream read none"
+        release.set()
+        async with asyncio.timeout(30):
+            await sending
+            answer = await client.read_response(method=b"POST")
+            await drained.wait()
+        assert (answer.status, answer.body) == (200, b"ok")
+        assert received == size
+    finally:
+        sending.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError):
+            await sending
+        await client.close()
+        server.close()
+        async with asyncio.timeout(TIMEOUT):
+            await server.wait_closed()
+
+
 # -- backpressure from a slow client ---------------------------------------------------------------
 
 BIG_RESPONSE = 64 * MIB
@@ -979,7 +1036,10 @@ STALLED_BODIES = [
 
 @pytest.mark.parametrize("raw", STALLED_BODIES)
 async def test_a_request_body_that_stalls_for_the_header_timeout_is_408(
-    make_proxy: ProxyFactory, upstream: RawUpstream, raw: bytes
+    make_proxy: ProxyFactory,
+    upstream: RawUpstream,
+    raw: bytes,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     # nginx's client_body_timeout: a body that stops coming does not hold the connection
     # (and an upstream connection) for ever.
@@ -998,7 +1058,31 @@ async def test_a_request_body_that_stalls_for_the_header_timeout_is_408(
         await client.close()
     assert head.startswith(b"HTTP/1.1 408 ")
     assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert upstream.requests == []
+    assert upstream.requests == []  # none whole: a streamed one was cut off upstream too
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+async def test_a_body_the_proxy_stops_reading_for_a_slow_upstream_is_not_a_408(
+    make_proxy: ProxyFactory, upstream: RawUpstream
+) -> None:
+    # The proxy pauses the client while the upstream is slow to take a streamed body: that
+    # pause is not the client's, whatever PROXY_HEADER_TIMEOUT says.
+    upstream.respond = echo
+    upstream.receive_delay = 2.5  # before it reads a request's body
+    url = await proxied(make_proxy, upstream, PROXY_HEADER_TIMEOUT="1")
+    body = bytes(range(256)) * (32 * KIB)  # 8 MiB: far over the proxy's buffers
+    pieces = [body[i : i + 64 * KIB] for i in range(0, len(body), 64 * KIB)]
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    head = b"POST /up HTTP/1.1\r\n" + HOST + b"Transfer-Encoding: chunked\r\n\r\n"
+    client = await Client.connect(url)
+    try:
+        client.writer.write(head + chunks + b"0\r\n\r\n")
+        async with asyncio.timeout(TIMEOUT + 5):
+            response = await client.read_response(method=b"POST")
+    finally:
+        await client.close()
+    assert response.status == 200
+    assert response.body == b"POST /up HTTP/1.1\n" + body
 
 
 async def test_a_slow_but_steady_body_is_not_cut_off(
