@@ -1093,8 +1093,8 @@ async def test_a_slow_but_steady_body_is_not_cut_off(
     client = await Client.connect(url)
     try:
         await client.send(post(b"/up", b"abcdef")[:-6])
-        for byte in b"abcdef":  # 2.4 s in all, never 1 s without a byte
-            await asyncio.sleep(0.4)
+        for byte in b"abcdef":  # 1.5 s in all, never 1 s without a byte
+            await asyncio.sleep(0.25)
             await client.send(bytes([byte]))
         response = await client.read_response(method=b"POST")
     finally:
