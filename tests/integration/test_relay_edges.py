@@ -816,6 +816,14 @@ async def test_an_answer_before_the_body_is_read_reaches_the_client_at_once(
             await server.wait_closed()
 
 
+async def request_by(way: str, client: Client, raw: bytes) -> Response:
+    """The answer to `raw` relayed the express way (an upstream connection is idle in the pool:
+    a first request opened it) or the task way (the proxy's first request, on a new one)."""
+    if way == "express":
+        assert (await client.request(get(b"/first"))).status == 200
+    return await client.request(raw)
+
+
 @pytest.mark.parametrize(
     ("raw", "status", "body"),
     [
@@ -838,9 +846,7 @@ async def test_bytes_after_a_whole_answer_do_not_spoil_it_and_the_connection_is_
     upstream.respond = reply_at(b"/junk", raw)
     client = await Client.connect(await proxied(make_proxy, upstream))
     try:
-        if way == "express":
-            assert (await client.request(get(b"/first"))).status == 200
-        answer = await client.request(get(b"/junk"))
+        answer = await request_by(way, client, get(b"/junk"))
         after = await client.request(get(b"/after"))
     finally:
         await client.close()
@@ -859,9 +865,7 @@ async def test_a_response_transfer_coding_other_than_chunked_is_a_502_json(
     upstream.respond = reply_at(b"/coded", raw)
     client = await Client.connect(await proxied(make_proxy, upstream))
     try:
-        if way == "express":
-            assert (await client.request(get(b"/first"))).status == 200
-        answer = await client.request(get(b"/coded"))
+        answer = await request_by(way, client, get(b"/coded"))
     finally:
         await client.close()
     assert answer.status == 502
