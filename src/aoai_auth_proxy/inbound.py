@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -145,12 +146,10 @@ def _is_loopback_ipv4(name: str) -> bool:
     """A dotted-quad literal in 127.0.0.0/8. Only a literal: `127.evil.example` or
     `127.0.0.1.nip.io` are DNS names an attacker can rebind (RFC 6761 6.3 reserves only
     `localhost`)."""
-    parts = name.split(".")
-    return (
-        len(parts) == 4
-        and parts[0] == "127"
-        and all(p.isdecimal() and p.isascii() and len(p) <= 3 and int(p) <= 255 for p in parts)
-    )
+    try:
+        return ipaddress.IPv4Address(name).is_loopback
+    except ValueError:
+        return False
 
 
 # Past the parser's own limits (8190 bytes a line, 128 fields) a request could still carry
