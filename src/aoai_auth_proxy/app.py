@@ -26,9 +26,9 @@ from .middlewares import (
     track,
 )
 from .outbound import client_ssl_context
-from .relay import AiohttpUpstream, Upstream, relay
+from .relay import Upstream, relay
 from .signin import EntraTokenFetcher
-from .upstream import PooledUpstream, uses_egress_proxy
+from .upstream import PooledUpstream
 from .websocket import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,10 @@ def default_token_source(
 
 
 def default_upstream(settings: Settings, ssl_context: ssl.SSLContext) -> Upstream:
-    """The raw keep-alive pool; the aiohttp client where an egress proxy (HTTPS_PROXY) must
-    carry the upstream traffic, which the raw pool does not speak."""
-    timeouts = {"connect_timeout": settings.connect_timeout, "read_timeout": settings.read_timeout}
-    if uses_egress_proxy(settings.api_base_url):
-        return AiohttpUpstream(ssl_context, **timeouts)
-    return PooledUpstream(ssl_context, **timeouts)
+    """The raw keep-alive pool (through HTTPS_PROXY where that applies: see `egress`)."""
+    return PooledUpstream(
+        ssl_context, connect_timeout=settings.connect_timeout, read_timeout=settings.read_timeout
+    )
 
 
 def create_app(

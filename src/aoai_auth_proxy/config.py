@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 from urllib.parse import urlsplit
 
+from . import egress
 from .errors import ConfigError
 from .identity import Identity, SecretSource, load_identity
 
@@ -126,13 +127,16 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
             problems.append(f"{name}={str(path)!r} is not a readable PEM CA bundle: {exc}")
         return path
 
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
-        if get(name).lower().startswith("https://"):
-            # aiohttp cannot speak TLS to a proxy and would silently connect directly instead.
-            problems.append(
-                f"{name}={get(name)!r}: a proxy reached over TLS is not supported; "
-                "use http://host:port (the tunnel to Azure is still TLS end to end)"
-            )
+    # The egress proxy for the token endpoint (HTTPS) and, for an http:// upstream, HTTP's;
+    # the lowercase variable wins, as urllib and aiohttp read them.
+    schemes = ("https", "http") if api_base_url.startswith("http://") else ("https",)
+    for scheme in schemes:
+        name = next((n for n in egress.VARIABLES[scheme] if get(n)), "")
+        if name:
+            try:
+                egress.parse_proxy_url(get(name), name)
+            except ValueError as exc:
+                problems.append(str(exc))
 
     api_keys = None
     if get("PROXY_API_KEY") and get("PROXY_API_KEY_FILE"):

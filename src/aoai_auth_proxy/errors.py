@@ -17,10 +17,10 @@
     ConfigError                    bad configuration; the CLI exits with status 2
     TokenAcquisitionError          one token fetch from Entra failed (wrapped by NoValidToken)
 
-Third-party exceptions are converted into these in one place each: aiohttp's in
-`relay.upstream_error`, the raw upstream client's failures in `upstream._head_error` and
-`_mid_body_error`, azure-identity's in `signin.EntraTokenFetcher.fetch` (anything else a
-fetch raises, in `credentials.RefreshingTokenSource`), so handlers see only this tree.
+Third-party exceptions are converted into these in one place each: the upstream client's
+failures in `upstream._head_error` and `_mid_body_error` (connect failures where it connects,
+`PooledUpstream._connect`), azure-identity's in `signin.EntraTokenFetcher.fetch` (anything
+else a fetch raises, in `credentials.RefreshingTokenSource`), so handlers see only this tree.
 Clients get `error_body()`: short OpenAI-shaped JSON the SDKs surface; logs get the cause chain.
 """
 

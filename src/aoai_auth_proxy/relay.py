@@ -1,31 +1,26 @@
 """The streaming relay (the task way): sends a request upstream and streams the answer back.
 
-Two seams live here. `Upstream` is the outbound HTTP client (`upstream.PooledUpstream`, or the
-aiohttp client `AiohttpUpstream` where HTTPS_PROXY carries the traffic); `Downstream` is the
-client's connection (`http1.py`'s, or aiohttp's after a WebSocket hand-over). `forward` wires
-the pure rules of `forwarding` between them. Behaviour is tested at the socket, so any side can
-be replaced without touching the tests. Requests whose body is whole usually skip this module:
-`http1._Express` relays them by callbacks, by the same rules.
+Two seams live here. `Upstream` is the outbound HTTP client (`upstream.PooledUpstream`);
+`Downstream` is the client's connection (`http1.py`'s, or aiohttp's after a WebSocket
+hand-over). `forward` wires the pure rules of `forwarding` between them. Behaviour is tested at
+the socket, so any side can be replaced without touching the tests. Requests whose body is
+whole usually skip this module: `http1._Express` relays them by callbacks, by the same rules.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
 
 from .config import Settings
 from .credentials import TokenSource
-from .errors import BadGateway, GatewayTimeout, ProxyError
+from .errors import BadGateway, ProxyError
 from .forwarding import (
     client_response_headers,
     method_problem,
@@ -35,12 +30,8 @@ from .forwarding import (
 )
 from .logs import UpstreamTiming
 from .middlewares import UPSTREAM_TIMING
-from .outbound import client_session
 
 log = logging.getLogger(__name__)
-
-# aiohttp would otherwise add these when the client did not send them; a proxy adds nothing.
-_NO_AUTO_HEADERS = frozenset({"Accept", "Accept-Encoding", "User-Agent", "Content-Type"})
 
 
 @dataclass(frozen=True)
@@ -74,106 +65,6 @@ class Upstream(Protocol):
     async def close(self) -> None: ...
 
     def open(self, request: UpstreamRequest) -> AbstractAsyncContextManager[UpstreamResponse]: ...
-
-
-def upstream_error(exc: BaseException, url: str) -> ProxyError:
-    """The one place where outbound-client exceptions become the proxy's own errors."""
-    origin = str(URL(url).origin())
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return GatewayTimeout(f"Cannot connect to upstream {origin}: timed out", kind="connect")
-    if isinstance(exc, TimeoutError):  # aiohttp's idle-read timeout
-        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
-    if isinstance(exc, aiohttp.ClientProxyConnectionError):
-        proxy = f"{exc.host}:{exc.port}"
-        return BadGateway(
-            f"Cannot connect to the egress proxy {proxy} (HTTPS_PROXY) for upstream {origin}: "
-            f"{exc.os_error or exc}",
-            kind="connect",
-        )
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
-        # Verification is never switched off: name the CA settings that fix it.
-        return BadGateway(
-            f"TLS with upstream {origin} failed: {exc}; trust its CA with SSL_CERT_FILE or "
-            "PROXY_UPSTREAM_CA_FILE",
-            kind="tls",
-        )
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return BadGateway(
-            f"Cannot connect to upstream {origin}: {exc.os_error or exc}", kind="connect"
-        )
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return BadGateway(f"Upstream {origin} closed the connection: {exc}", kind="reset")
-    if isinstance(exc, aiohttp.ClientPayloadError):
-        return BadGateway(f"Upstream {origin} broke off its response: {exc}", kind="reset")
-    return BadGateway(f"Upstream {origin} failed: {type(exc).__name__}: {exc}", kind="protocol")
-
-
-class _AiohttpResponse:
-    def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
-        self._response = response
-        self._url = url
-        self.status = response.status
-        self.reason = response.reason or ""
-        # latin-1 text of the bytes, as the seam carries headers both ways
-        self.headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in response.raw_headers]
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.content.iter_any():
-                yield chunk
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_error(exc, self._url) from exc
-
-
-class AiohttpUpstream:
-    """One pooled aiohttp session for every upstream request (keep-alive, no decompression)."""
-
-    def __init__(
-        self, ssl_context: ssl.SSLContext, *, connect_timeout: float, read_timeout: float
-    ) -> None:
-        self._ssl_context = ssl_context
-        self._session: aiohttp.ClientSession | None = None
-        # sock_read is an idle timeout between bytes; there is no total timeout, so a long
-        # stream from a slow reasoning model is never cut while bytes keep flowing.
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout, sock_read=read_timeout
-        )
-
-    async def start(self) -> None:
-        self._session = client_session(self._ssl_context)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-    @asynccontextmanager
-    async def open(self, request: UpstreamRequest) -> AsyncIterator[UpstreamResponse]:
-        if self._session is None:
-            raise RuntimeError("AiohttpUpstream.open() before start()")
-        try:
-            response = await self._session.request(
-                request.method,
-                URL(request.url, encoded=True),  # the raw path and query, byte for byte
-                headers=_same_case_repeats(
-                    # aiohttp writes header values as UTF-8 (see header_text)
-                    (header_text(n.encode("latin-1")), header_text(v.encode("latin-1")))
-                    for n, v in request.headers
-                ),
-                data=request.body,
-                allow_redirects=False,
-                timeout=self._timeout,
-                skip_auto_headers=_NO_AUTO_HEADERS,
-            )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise upstream_error(exc, request.url) from exc
-        try:
-            yield _AiohttpResponse(response, request.url)
-        except BaseException:
-            response.close()  # abort: the connection is not reused half-read
-            raise
-        else:
-            response.release()
 
 
 class Downstream(Protocol):
@@ -363,16 +254,6 @@ class _AiohttpDownstream:
     def abort(self) -> None:
         if self._request.transport is not None:
             self._request.transport.abort()
-
-
-def _same_case_repeats(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    """Spell every repeat of a header name like its first occurrence.
-
-    aiohttp's ClientSession merges headers by exact spelling, so `X-A: 1` then `x-a: 2` would
-    lose the first value; names are case-insensitive (RFC 9110 5.1), values and order are not.
-    """
-    spelling: dict[str, str] = {}
-    return CIMultiDict((spelling.setdefault(name.lower(), name), value) for name, value in headers)
 
 
 def header_text(raw: bytes) -> str:

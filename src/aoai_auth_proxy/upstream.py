@@ -18,7 +18,11 @@ Behaviour a caller can rely on (tested at the socket, tests/integration):
   body was sent (an early 413: the rest is not sent), or after bytes that follow an answer;
 - the idle read timeout covers the wait for the response head and every gap between body
   bytes, except while the client is not reading (its own send timeout applies then); a send
-  the upstream does not take is bounded by it as well; the connect timeout covers TCP and TLS.
+  the upstream does not take is bounded by it as well; the connect timeout covers TCP and TLS;
+- behind an egress proxy (HTTPS_PROXY/HTTP_PROXY less NO_PROXY, see `egress`) a connection to
+  an HTTPS origin is a CONNECT tunnel through it, TLS to the origin inside; one to an HTTP
+  origin asks the proxy in absolute form. Either way the request is otherwise the same bytes,
+  and the connect timeout covers reaching the proxy, its answer to CONNECT and the TLS.
 """
 
 from __future__ import annotations
@@ -26,8 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-import urllib.request
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, cast
@@ -35,6 +38,7 @@ from typing import Protocol, cast
 import httptools
 from mypy_extensions import mypyc_attr
 
+from .egress import EgressProxy, egress_proxy
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .readbuffer import ReadBuffer, ReadsIntoBuffer
 from .relay import UpstreamRequest
@@ -82,17 +86,6 @@ def split_url(url: str) -> tuple[str, str]:
     """("https://host:port", "/path?query") of an absolute URL the relay built."""
     slash = url.find("/", url.index("//") + 2)
     return (url, "/") if slash < 0 else (url[:slash], url[slash:])
-
-
-def uses_egress_proxy(url: str) -> bool:
-    """Whether HTTPS_PROXY/HTTP_PROXY (not excluded by NO_PROXY) applies to `url`; this
-    client connects directly, so such an upstream is served by the aiohttp client."""
-    proxies = urllib.request.getproxies_environment()
-    origin = Origin.of(split_url(url)[0])
-    if origin.scheme not in proxies:
-        return False
-    # On Linux proxy_bypass is proxy_bypass_environment: NO_PROXY, as aiohttp reads it.
-    return not urllib.request.proxy_bypass(origin.host)
 
 
 @mypyc_attr(native_class=False)  # an exception stays a Python class: see logs.NOT_NATIVE
@@ -174,6 +167,10 @@ class PooledConnection(ReadsIntoBuffer):
         self._framed = False  # Content-Length or chunked: EOF before the end is a failure
         self._error: _Failure | None = None
         self._request_cut = False  # answered before the whole request body was sent
+        # Through an egress proxy to an HTTP origin: the request target's absolute form
+        # (RFC 9112 3.2.2) starts with this, and the proxy's credentials go with each request.
+        self.absolute_prefix: str | None = None
+        self.proxy_fields: list[tuple[str, str]] = []
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -349,6 +346,19 @@ class PooledConnection(ReadsIntoBuffer):
         self._framed = False
         self._error = None
         self._request_cut = False
+
+    def request_head(
+        self,
+        method: str,
+        target: str,
+        headers: Sequence[tuple[str, str]],
+        body: AsyncIterable[bytes] | bytes | None,
+    ) -> tuple[bytes, bool]:
+        """The request's head as this connection sends it (see `request_head`)."""
+        if self.absolute_prefix is not None:
+            target = self.absolute_prefix + target
+            headers = [*headers, *self.proxy_fields]
+        return request_head(method, target, headers, body)
 
     async def write(self, data: bytes, seconds: float) -> bool:
         """Send request bytes; False once the upstream has answered early, so the rest of
@@ -639,7 +649,7 @@ async def _send(
     seconds: float,
 ) -> None:
     connection.begin(method)
-    head, chunked = request_head(method, target, headers, body)
+    head, chunked = connection.request_head(method, target, headers, body)
     if body is None or isinstance(body, bytes):
         await connection.write(head + body if body else head, seconds)
         return
@@ -741,7 +751,7 @@ class PooledUpstream:
         assert connection.transport is not None
         connection.begin(method, express=True)
         connection.sink = sink
-        head, _ = request_head(method, target, headers, body)
+        head, _ = connection.request_head(method, target, headers, body)
         connection.transport.write(head + body if body else head)
         connection.start_timer(self.read_timeout)
         return connection
@@ -767,22 +777,40 @@ class PooledUpstream:
 
     async def _connect(self, origin: str) -> PooledConnection:
         where = Origin.of(origin)
+        try:
+            proxy = egress_proxy(where.scheme, where.host)
+        except ValueError as exc:  # load_settings refuses such a URL at start-up
+            raise BadGateway(f"Cannot reach upstream {origin}: {exc}", kind="connect") from None
         loop = asyncio.get_running_loop()
         tls = where.scheme == "https"
+        connection = PooledConnection(loop, self, origin)
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, protocol = await loop.create_connection(
-                    lambda: cast(asyncio.Protocol, PooledConnection(loop, self, origin)),
-                    where.host,
-                    where.port,
-                    ssl=self._ssl_context if tls else None,
-                    server_hostname=where.host if tls else None,
-                )
+                if proxy is None:
+                    await loop.create_connection(
+                        lambda: cast(asyncio.BaseProtocol, connection),
+                        where.host,
+                        where.port,
+                        ssl=self._ssl_context if tls else None,
+                        server_hostname=where.host if tls else None,
+                    )
+                elif tls:
+                    await self._tunnel(loop, connection, where, proxy)
+                else:
+                    connection.absolute_prefix = origin
+                    if proxy.authorization is not None:
+                        connection.proxy_fields = [("Proxy-Authorization", proxy.authorization)]
+                    await self._reach_proxy(
+                        loop, lambda: cast(asyncio.BaseProtocol, connection), origin, proxy
+                    )
         except TimeoutError:
+            connection.close()
+            via = "" if proxy is None else f" through the egress proxy {_named(proxy)}"
             raise GatewayTimeout(
-                f"Cannot connect to upstream {origin}: timed out", kind="connect"
+                f"Cannot connect to upstream {origin}{via}: timed out", kind="connect"
             ) from None
         except ssl.SSLError as exc:
+            connection.close()
             # Verification is never switched off: name the CA settings that fix it.
             raise BadGateway(
                 f"TLS with upstream {origin} failed: {exc}; trust its CA with SSL_CERT_FILE "
@@ -790,8 +818,138 @@ class PooledUpstream:
                 kind="tls",
             ) from None
         except OSError as exc:
+            connection.close()
             message = f"Cannot connect to upstream {origin}: {exc}"
             raise BadGateway(message, kind="connect") from None
-        connection = cast(PooledConnection, protocol)
+        except BaseException:
+            connection.close()
+            raise
         self._all.add(connection)
         return connection
+
+    async def _reach_proxy(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        protocol: Callable[[], asyncio.BaseProtocol],
+        origin: str,
+        proxy: EgressProxy,
+    ) -> asyncio.Transport:
+        try:
+            transport, _ = await loop.create_connection(protocol, proxy.host, proxy.port)
+        except OSError as exc:
+            raise BadGateway(
+                f"Cannot connect to the egress proxy {_named(proxy)} for upstream {origin}: {exc}",
+                kind="connect",
+            ) from None
+        return transport
+
+    async def _tunnel(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        connection: PooledConnection,
+        where: Origin,
+        proxy: EgressProxy,
+    ) -> None:
+        """A CONNECT tunnel through `proxy` to `where` (RFC 9110 9.3.6), then TLS with the
+        origin inside it; `connection` reads and writes the TLS transport."""
+        origin = connection.origin
+        tunnel = _Tunnel(loop)
+        transport = await self._reach_proxy(
+            loop, lambda: cast(asyncio.BaseProtocol, tunnel), origin, proxy
+        )
+        try:
+            authority = (
+                f"[{where.host}]:{where.port}"
+                if ":" in where.host
+                else (f"{where.host}:{where.port}")
+            )
+            fields = f"Host: {authority}\r\n"
+            if proxy.authorization is not None:
+                fields += f"Proxy-Authorization: {proxy.authorization}\r\n"
+            transport.write(f"CONNECT {authority} HTTP/1.1\r\n{fields}\r\n".encode("latin-1"))
+            refusal = await tunnel.answered
+            if not refusal and tunnel.stray:
+                # The origin's TLS has not begun (its client speaks first): bytes here mean
+                # the tunnel is not a clean byte pipe.
+                refusal = "it sent bytes after opening the tunnel"
+            if refusal:
+                raise BadGateway(
+                    f"The egress proxy {_named(proxy)} did not open a tunnel to upstream "
+                    f"{origin}: {refusal}",
+                    kind="connect",
+                )
+            tls_transport = await loop.start_tls(
+                transport,
+                cast(asyncio.BaseProtocol, connection),
+                self._ssl_context,
+                server_hostname=where.host,
+            )
+        except BaseException:
+            transport.close()
+            raise
+        assert tls_transport is not None
+        # start_tls does not call connection_made: the protocol takes the new transport here.
+        connection.connection_made(tls_transport)
+
+
+def _named(proxy: EgressProxy) -> str:
+    """A proxy as messages name it: never with its credentials."""
+    return f"{proxy.address} ({proxy.variable})"
+
+
+class _Tunnel:
+    """The proxy's answer to CONNECT, parsed by llhttp. An asyncio protocol by its methods,
+    as PooledConnection. `answered` is "" once the tunnel is open (a 2xx), else why not."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.answered: asyncio.Future[str] = loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._reason = ""
+        self._received = 0
+        self.stray = False  # bytes came after the 2xx head
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.answered.done():
+            self.stray = True  # reading is paused once answered; a read already under way
+            return
+        self._received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._answer(f"invalid answer to CONNECT: {exc}")
+        if not self.answered.done() and self._received > MAX_HEAD_BYTES:
+            self._answer(f"more than {MAX_HEAD_BYTES} bytes of answer head to CONNECT")
+
+    def eof_received(self) -> bool:
+        self._answer("it closed the connection without answering CONNECT")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._answer("it closed the connection without answering CONNECT")
+
+    def on_status(self, status: bytes) -> None:
+        self._reason += status.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        code = self._parser.get_status_code()
+        if 200 <= code < 300:
+            self.answered.set_result("")
+            if self.transport is not None:
+                self.transport.pause_reading()  # start_tls resumes it under TLS
+            return
+        hint = ""
+        if code == 407:
+            hint = "; give its credentials in the proxy URL: http://user:password@host:port"
+        self._answer(f"it answered {code} {self._reason}".rstrip() + hint)
+
+    def on_body(self, body: bytes) -> None:
+        if self.answered.done():
+            self.stray = True
+
+    def _answer(self, why: str) -> None:
+        if not self.answered.done():
+            self.answered.set_result(why)

@@ -1,13 +1,16 @@
 """Egress: HTTPS_PROXY/NO_PROXY for the token endpoint and the upstream, through a real CONNECT
-proxy (proxy.py, from PyPI) on loopback; private CAs; TLS verification never silently off.
+proxy (proxy.py, from PyPI) and a scripted one on loopback; private CAs; TLS verification never
+silently off.
 
-Both outbound clients are aiohttp sessions with `trust_env=True`; aiohttp reads the proxy
-variables (urllib's `getproxies()`/`proxy_bypass()`, lowercase winning) at each request.
+The token path is an aiohttp session with `trust_env=True`; the upstream pool reads the same
+variables the same way (`egress`: urllib's `getproxies()`/`proxy_bypass()`, lowercase winning)
+when it opens a connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import os
 import re
@@ -27,6 +30,7 @@ from aoai_auth_proxy.config import load_settings
 from aoai_auth_proxy.errors import ConfigError
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, CertificateAuthority, EntraStandIn
 from tests.conftest import ProxyFactory, RunningProxy, start_proxy, wait_ready
+from tests.integration.test_relay_edges import RawUpstream, reply, sized
 
 EMBEDDINGS = "/openai/deployments/e/embeddings?api-version=2024-10-21"
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -118,13 +122,15 @@ async def connect_proxy(tmp_path: Path) -> AsyncIterator[ConnectProxy]:
                     await asyncio.wait_for(process.wait(), 5)
 
 
-def use_proxy(monkeypatch: pytest.MonkeyPatch, url: str, no_proxy: str = "") -> None:
-    """Set HTTPS_PROXY (and NO_PROXY) and nothing else: urllib lets a lowercase variable win
-    over its uppercase twin, so the lowercase ones are removed."""
+def use_proxy(
+    monkeypatch: pytest.MonkeyPatch, url: str, no_proxy: str = "", variable: str = "HTTPS_PROXY"
+) -> None:
+    """Set HTTPS_PROXY (or `variable`), and NO_PROXY, and nothing else: urllib lets a lowercase
+    variable win over its uppercase twin, so the lowercase ones are removed."""
     for name in PROXY_VARIABLES:
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.setenv("HTTPS_PROXY", url)
+    monkeypatch.setenv(variable, url)
     if no_proxy:
         monkeypatch.setenv("NO_PROXY", no_proxy)
 
@@ -225,6 +231,170 @@ async def test_unreachable_https_proxy_for_the_upstream_only_answers_502_json(
         "https://localhost:"
     )
     assert aoai.requests == []
+
+
+class ScriptedProxy:
+    """An egress proxy on loopback that records each request head it gets and answers as
+    `answer` says: "tunnel" (200, then a byte pipe to the CONNECT target), "refuse" (407),
+    "silent" (nothing), "stray" (200 and a byte before any TLS), "garbage" (not HTTP)."""
+
+    def __init__(self, answer: str = "tunnel") -> None:
+        self.answer = answer
+        self.heads: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def url(self, userinfo: str = "") -> str:
+        return f"http://{userinfo}127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> ScriptedProxy:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            self.heads.append(head)
+            if self.answer == "refuse":
+                writer.write(
+                    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                    b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
+                )
+            elif self.answer == "garbage":
+                writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+            elif self.answer == "stray":
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n\x00")
+            elif self.answer == "tunnel":
+                host, _, port = head.split(b" ")[1].decode().rpartition(":")
+                up_reader, up_writer = await asyncio.open_connection(host, int(port))
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+                return
+            await reader.read()  # "silent" waits for the proxy to give up
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+            self._tasks.discard(task)
+
+
+async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+def values_of(head: bytes, name: bytes) -> list[bytes]:
+    lines = head.split(b"\r\n")[1:]
+    return [
+        line.partition(b":")[2].strip() for line in lines if line.lower().startswith(name + b":")
+    ]
+
+
+async def test_a_tunnel_carries_the_proxy_credentials_on_connect_only(
+    make_proxy: ProxyFactory,
+    aoai: AzureOpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with ScriptedProxy() as egress:
+        # user "svc@corp", password "p:ss w0rd", percent-encoded in the URL (RFC 3986 3.2.1)
+        use_proxy(monkeypatch, egress.url("svc%40corp:p%3Ass%20w0rd@"), no_proxy="127.0.0.1")
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        for _ in range(2):
+            status, _ = await post(proxy)
+            assert status == 200
+    [head] = egress.heads  # one tunnel, kept alive for both requests
+    assert head.startswith(f"CONNECT localhost:{aoai.port} HTTP/1.1\r\n".encode())
+    assert values_of(head, b"host") == [f"localhost:{aoai.port}".encode()]
+    credentials = base64.b64encode(b"svc@corp:p:ss w0rd")
+    assert values_of(head, b"proxy-authorization") == [b"Basic " + credentials]
+    assert len(aoai.requests) == 2
+    for request in aoai.requests:  # inside the tunnel, the origin never sees them
+        assert "proxy-authorization" not in {name.lower() for name, _ in request.headers}
+    assert "w0rd" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("answer", "status", "says"),
+    [
+        (
+            "refuse",
+            502,
+            "did not open a tunnel to upstream https://localhost:{port}: it answered 407 Proxy "
+            "Authentication Required; give its credentials in the proxy URL",
+        ),
+        ("garbage", 502, "did not open a tunnel to upstream https://localhost:{port}: invalid"),
+        ("stray", 502, "it sent bytes after opening the tunnel"),
+        ("silent", 504, "Cannot connect to upstream https://localhost:{port} through the egress"),
+    ],
+)
+async def test_a_proxy_that_does_not_open_the_tunnel_is_a_json_error_naming_it(
+    answer: str,
+    status: int,
+    says: str,
+    make_proxy: ProxyFactory,
+    aoai: AzureOpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with ScriptedProxy(answer) as egress:
+        use_proxy(monkeypatch, egress.url("svc:secret-pw@"), no_proxy="127.0.0.1")
+        proxy = await make_proxy(
+            API_BASE_URL=f"https://localhost:{aoai.port}", PROXY_CONNECT_TIMEOUT="1"
+        )
+        async with asyncio.timeout(5):
+            got, body = await post(proxy)
+    assert got == status
+    assert body["error"]["code"] == (
+        "upstream_timeout" if status == 504 else "upstream_unreachable"
+    )
+    message = body["error"]["message"]
+    assert says.format(port=aoai.port) in message
+    assert f"egress proxy 127.0.0.1:{egress.port} (HTTPS_PROXY)" in message
+    assert "secret-pw" not in message + caplog.text
+    assert aoai.requests == []
+
+
+async def test_an_http_upstream_is_asked_for_in_absolute_form_through_http_proxy(
+    make_proxy: ProxyFactory, entra: EntraStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The recording upstream plays the proxy: what it reads is what the proxy would.
+    recorder = RawUpstream(entra)
+    recorder.respond = reply(sized(b"{}", b"Content-Type: application/json\r\n"))
+    port = (await recorder.start()).rpartition(":")[2]
+    try:
+        use_proxy(monkeypatch, f"http://svc:pw@127.0.0.1:{port}", variable="HTTP_PROXY")
+        # never resolved: the proxy is asked for it
+        proxy = await make_proxy(API_BASE_URL="http://aoai.example.invalid:8080")
+        for _ in range(2):
+            status, _ = await post(proxy)
+            assert status == 200
+    finally:
+        await recorder.close()
+    assert recorder.connections == 1  # kept alive
+    for request in recorder.requests:
+        line = request.head.split(b"\r\n")[0]
+        assert line == f"POST http://aoai.example.invalid:8080{EMBEDDINGS} HTTP/1.1".encode()
+        assert values_of(request.head, b"host") == [b"aoai.example.invalid:8080"]
+        assert values_of(request.head, b"proxy-authorization") == [
+            b"Basic " + base64.b64encode(b"svc:pw")
+        ]
 
 
 @pytest_asyncio.fixture

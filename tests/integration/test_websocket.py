@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 from typing import Any
@@ -17,6 +18,7 @@ from websockets.typing import Subprotocol
 
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, EntraStandIn
 from tests.conftest import CLIENT_ID, ProxyFactory, RunningProxy
+from tests.integration.test_egress import ScriptedProxy, use_proxy, values_of
 
 
 class Upstream:
@@ -241,3 +243,44 @@ async def test_sessions_are_logged_and_counted(
 async def _metrics_text(proxy: RunningProxy) -> str:
     async with aiohttp.ClientSession() as session, session.get(proxy.url + "/metrics") as r:
         return await r.text()
+
+
+async def test_a_session_goes_through_the_egress_proxy_with_its_credentials(
+    make_proxy: ProxyFactory,
+    aoai: AzureOpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with ScriptedProxy() as egress:
+        use_proxy(monkeypatch, egress.url("svc:ws-secret@"), no_proxy="127.0.0.1")  # Entra direct
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        async with open_session(proxy) as ws:
+            await ws.send("through the tunnel")
+            assert await ws.recv() == "through the tunnel"
+    [head] = egress.heads
+    assert head.startswith(f"CONNECT localhost:{aoai.port} HTTP/1.1\r\n".encode())
+    assert values_of(head, b"proxy-authorization") == [
+        b"Basic " + base64.b64encode(b"svc:ws-secret")
+    ]
+    assert aoai.requests[-1].client_id == CLIENT_ID
+    assert all(name.lower() != "proxy-authorization" for name, _ in aoai.requests[-1].headers)
+    assert "ws-secret" not in caplog.text
+
+
+async def test_an_egress_proxy_refusing_the_session_is_a_502_without_its_credentials(
+    make_proxy: ProxyFactory,
+    aoai: AzureOpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with ScriptedProxy("refuse") as egress:
+        use_proxy(monkeypatch, egress.url("svc:ws-secret@"), no_proxy="127.0.0.1")
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        with pytest.raises(InvalidStatus) as refused:
+            async with open_session(proxy):
+                pass
+    assert refused.value.response.status_code == 502
+    body = refused.value.response.body.decode()
+    assert "407" in body
+    assert "ws-secret" not in body + caplog.text
+    assert not any(r.raw_path.startswith("/openai/realtime") for r in aoai.requests)
