@@ -127,14 +127,14 @@ def load_settings(env: Mapping[str, str], *, check_files: bool = True) -> Settin
             problems.append(f"{name}={str(path)!r} is not a readable PEM CA bundle: {exc}")
         return path
 
-    # The egress proxy for the token endpoint (HTTPS) and, for an http:// upstream, HTTP's;
-    # the lowercase variable wins, as urllib and aiohttp read them.
+    # The egress proxy for the token endpoint (HTTPS) and, for an http:// upstream, HTTP's:
+    # the values `egress` will use, chosen by the same rule.
     schemes = ("https", "http") if api_base_url.startswith("http://") else ("https",)
     for scheme in schemes:
-        name = next((n for n in egress.VARIABLES[scheme] if get(n)), "")
-        if name:
+        found = egress.setting(env, scheme)
+        if found is not None:
             try:
-                egress.parse_proxy_url(get(name), name)
+                egress.parse_proxy_url(found[1], found[0])
             except ValueError as exc:
                 problems.append(str(exc))
 

@@ -38,7 +38,7 @@ from typing import Protocol, cast
 import httptools
 from mypy_extensions import mypyc_attr
 
-from .egress import EgressProxy, egress_proxy
+from .egress import REFUSED_407, EgressProxy, egress_proxy
 from .errors import BadGateway, GatewayTimeout, ProxyError
 from .readbuffer import ReadBuffer, ReadsIntoBuffer
 from .relay import UpstreamRequest
@@ -171,6 +171,7 @@ class PooledConnection(ReadsIntoBuffer):
         # (RFC 9112 3.2.2) starts with this, and the proxy's credentials go with each request.
         self.absolute_prefix: str | None = None
         self.proxy_fields: list[tuple[str, str]] = []
+        self.proxy_named = ""  # that proxy, as messages name it
 
     # -- asyncio.Protocol -----------------------------------------------------------------
 
@@ -294,6 +295,12 @@ class PooledConnection(ReadsIntoBuffer):
             self.reason = ""
             self._framed = False
             return
+        if status == 407 and self.absolute_prefix is not None:
+            # The egress proxy's own refusal, not the origin's answer: the client has no
+            # business with the proxy's credentials (the tunnel's 407 is a 502 too).
+            why = f"the egress proxy {self.proxy_named} {REFUSED_407}"
+            self._fail(why, kind="connect")
+            raise _Failure(why, kind="connect", before_response=False)  # stop parsing
         self.status = status
         if status in _NO_BODY_STATUSES:
             self._framed = True
@@ -798,6 +805,7 @@ class PooledUpstream:
                     await self._tunnel(loop, connection, where, proxy)
                 else:
                     connection.absolute_prefix = origin
+                    connection.proxy_named = proxy.named
                     if proxy.authorization is not None:
                         connection.proxy_fields = [("Proxy-Authorization", proxy.authorization)]
                     await self._reach_proxy(
@@ -805,7 +813,7 @@ class PooledUpstream:
                     )
         except TimeoutError:
             connection.close()
-            via = "" if proxy is None else f" through the egress proxy {_named(proxy)}"
+            via = "" if proxy is None else f" through the egress proxy {proxy.named}"
             raise GatewayTimeout(
                 f"Cannot connect to upstream {origin}{via}: timed out", kind="connect"
             ) from None
@@ -819,7 +827,7 @@ class PooledUpstream:
             ) from None
         except OSError as exc:
             connection.close()
-            message = f"Cannot connect to upstream {origin}: {exc}"
+            message = f"Cannot connect to upstream {origin}: {str(exc) or type(exc).__name__}"
             raise BadGateway(message, kind="connect") from None
         except BaseException:
             connection.close()
@@ -838,7 +846,7 @@ class PooledUpstream:
             transport, _ = await loop.create_connection(protocol, proxy.host, proxy.port)
         except OSError as exc:
             raise BadGateway(
-                f"Cannot connect to the egress proxy {_named(proxy)} for upstream {origin}: {exc}",
+                f"Cannot connect to the egress proxy {proxy.named} for upstream {origin}: {exc}",
                 kind="connect",
             ) from None
         return transport
@@ -874,7 +882,7 @@ class PooledUpstream:
                 refusal = "it sent bytes after opening the tunnel"
             if refusal:
                 raise BadGateway(
-                    f"The egress proxy {_named(proxy)} did not open a tunnel to upstream "
+                    f"The egress proxy {proxy.named} did not open a tunnel to upstream "
                     f"{origin}: {refusal}",
                     kind="connect",
                 )
@@ -884,17 +892,22 @@ class PooledUpstream:
                 self._ssl_context,
                 server_hostname=where.host,
             )
+        except ssl.SSLError:
+            transport.close()
+            raise  # the origin's TLS: _connect names the CA settings
+        except OSError as exc:
+            transport.close()
+            raise BadGateway(
+                f"The egress proxy {proxy.named} broke the tunnel to upstream {origin}: "
+                f"{str(exc) or type(exc).__name__}",
+                kind="connect",
+            ) from None
         except BaseException:
             transport.close()
             raise
         assert tls_transport is not None
         # start_tls does not call connection_made: the protocol takes the new transport here.
         connection.connection_made(tls_transport)
-
-
-def _named(proxy: EgressProxy) -> str:
-    """A proxy as messages name it: never with its credentials."""
-    return f"{proxy.address} ({proxy.variable})"
 
 
 class _Tunnel:
@@ -919,7 +932,11 @@ class _Tunnel:
         self._received += len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._answer("it answered 101 Switching Protocols")
         except httptools.HttpParserError as exc:
+            if self.answered.done():
+                self.stray = True  # bytes after the 2xx head that llhttp cannot parse
             self._answer(f"invalid answer to CONNECT: {exc}")
         if not self.answered.done() and self._received > MAX_HEAD_BYTES:
             self._answer(f"more than {MAX_HEAD_BYTES} bytes of answer head to CONNECT")
@@ -931,20 +948,27 @@ class _Tunnel:
     def connection_lost(self, exc: Exception | None) -> None:
         self._answer("it closed the connection without answering CONNECT")
 
+    def on_message_begin(self) -> None:
+        if self.answered.done():
+            self.stray = True  # a second message after the 2xx (one with Content-Length: 0)
+        self._reason = ""
+
     def on_status(self, status: bytes) -> None:
         self._reason += status.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         code = self._parser.get_status_code()
+        if 100 <= code < 200 and code != 101:
+            return  # an interim answer; the final one follows (RFC 9110 15.2)
         if 200 <= code < 300:
             self.answered.set_result("")
             if self.transport is not None:
                 self.transport.pause_reading()  # start_tls resumes it under TLS
             return
-        hint = ""
         if code == 407:
-            hint = "; give its credentials in the proxy URL: http://user:password@host:port"
-        self._answer(f"it answered {code} {self._reason}".rstrip() + hint)
+            self._answer(f"it {REFUSED_407}")
+        else:
+            self._answer(f"it answered {code} {self._reason}".rstrip())
 
     def on_body(self, body: bytes) -> None:
         if self.answered.done():

@@ -233,10 +233,25 @@ async def test_unreachable_https_proxy_for_the_upstream_only_answers_502_json(
     assert aoai.requests == []
 
 
+# What ScriptedProxy answers to CONNECT, but "tunnel" and "silent".
+ANSWERS = {
+    "refuse": b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+    b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n',
+    "garbage": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "stray": b"HTTP/1.1 200 Connection established\r\n\r\n\x00",
+    "stray-after-length": b"HTTP/1.1 200 Connection established\r\nContent-Length: 0\r\n\r\n\x16",
+    "upgrade": b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+    "close": b"HTTP/1.1 200 Connection established\r\n\r\n",  # then closes
+}
+INTERIM = b"HTTP/1.1 100 Continue\r\n\r\n"
+ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+
+
 class ScriptedProxy:
     """An egress proxy on loopback that records each request head it gets and answers as
-    `answer` says: "tunnel" (200, then a byte pipe to the CONNECT target), "refuse" (407),
-    "silent" (nothing), "stray" (200 and a byte before any TLS), "garbage" (not HTTP)."""
+    `answer` says: "tunnel" (200, then a byte pipe to the CONNECT target), "interim-tunnel"
+    (the same after a 100), "silent" (nothing), or one of ANSWERS, then waits for the client
+    to close ("close" closes at once)."""
 
     def __init__(self, answer: str = "tunnel") -> None:
         self.answer = answer
@@ -267,22 +282,17 @@ class ScriptedProxy:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             self.heads.append(head)
-            if self.answer == "refuse":
-                writer.write(
-                    b"HTTP/1.1 407 Proxy Authentication Required\r\n"
-                    b'Proxy-Authenticate: Basic realm="corp"\r\nContent-Length: 0\r\n\r\n'
-                )
-            elif self.answer == "garbage":
-                writer.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
-            elif self.answer == "stray":
-                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n\x00")
-            elif self.answer == "tunnel":
+            if self.answer in ("tunnel", "interim-tunnel"):
                 host, _, port = head.split(b" ")[1].decode().rpartition(":")
                 up_reader, up_writer = await asyncio.open_connection(host, int(port))
-                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                if self.answer == "interim-tunnel":
+                    writer.write(INTERIM)
+                writer.write(ESTABLISHED)
                 await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
                 return
-            await reader.read()  # "silent" waits for the proxy to give up
+            writer.write(ANSWERS.get(self.answer, b""))
+            if self.answer != "close":
+                await reader.read()  # until the proxy gives up
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
@@ -341,6 +351,9 @@ async def test_a_tunnel_carries_the_proxy_credentials_on_connect_only(
         ),
         ("garbage", 502, "did not open a tunnel to upstream https://localhost:{port}: invalid"),
         ("stray", 502, "it sent bytes after opening the tunnel"),
+        ("stray-after-length", 502, "it sent bytes after opening the tunnel"),
+        ("upgrade", 502, "it answered 101 Switching Protocols"),
+        ("close", 502, "broke the tunnel to upstream https://localhost:{port}: "),
         ("silent", 504, "Cannot connect to upstream https://localhost:{port} through the egress"),
     ],
 )
@@ -368,7 +381,20 @@ async def test_a_proxy_that_does_not_open_the_tunnel_is_a_json_error_naming_it(
     assert says.format(port=aoai.port) in message
     assert f"egress proxy 127.0.0.1:{egress.port} (HTTPS_PROXY)" in message
     assert "secret-pw" not in message + caplog.text
+    assert not message.endswith(": ")  # a cause is given
+    assert "Fatal error" not in caplog.text  # nothing escaped to the event loop
     assert aoai.requests == []
+
+
+async def test_an_interim_answer_before_the_tunnel_opens_is_skipped(
+    make_proxy: ProxyFactory, aoai: AzureOpenAIStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with ScriptedProxy("interim-tunnel") as egress:
+        use_proxy(monkeypatch, egress.url(), no_proxy="127.0.0.1")
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        status, _ = await post(proxy)
+    assert status == 200
+    assert len(egress.heads) == 1
 
 
 async def test_an_http_upstream_is_asked_for_in_absolute_form_through_http_proxy(
@@ -395,6 +421,26 @@ async def test_an_http_upstream_is_asked_for_in_absolute_form_through_http_proxy
         assert values_of(request.head, b"proxy-authorization") == [
             b"Basic " + base64.b64encode(b"svc:pw")
         ]
+
+
+async def test_an_http_proxys_407_is_a_502_not_the_clients_to_answer(
+    make_proxy: ProxyFactory, entra: EntraStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recorder = RawUpstream(entra)  # plays the HTTP proxy
+    recorder.respond = reply(ANSWERS["refuse"])
+    port = (await recorder.start()).rpartition(":")[2]
+    try:
+        use_proxy(monkeypatch, f"http://svc:pw@127.0.0.1:{port}", variable="HTTP_PROXY")
+        proxy = await make_proxy(API_BASE_URL="http://aoai.example.invalid:8080")
+        status, body = await post(proxy)
+    finally:
+        await recorder.close()
+    assert status == 502
+    assert body["error"]["code"] == "upstream_unreachable"
+    assert (
+        f"the egress proxy 127.0.0.1:{port} (HTTP_PROXY) answered 407 Proxy Authentication "
+        "Required; give its credentials in the proxy URL" in body["error"]["message"]
+    )
 
 
 @pytest_asyncio.fixture

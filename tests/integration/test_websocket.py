@@ -267,6 +267,23 @@ async def test_a_session_goes_through_the_egress_proxy_with_its_credentials(
     assert "ws-secret" not in caplog.text
 
 
+async def test_no_proxy_applies_to_sessions_as_to_requests(
+    make_proxy: ProxyFactory, aoai: AzureOpenAIStandIn, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Matched per host, as for HTTP (egress): websockets alone would match "host:port" too.
+    async with ScriptedProxy() as egress:
+        use_proxy(monkeypatch, egress.url(), no_proxy=f"127.0.0.1,localhost:{aoai.port}")
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        async with open_session(proxy) as ws:
+            await ws.send("x")
+            assert await ws.recv() == "x"
+        async with aiohttp.ClientSession() as session:
+            url = proxy.url + "/openai/deployments/e/embeddings?api-version=1"
+            async with session.post(url, json={"input": "x"}) as response:
+                assert response.status == 200
+    assert len(egress.heads) == 2  # both through the proxy: the port does not match
+
+
 async def test_an_egress_proxy_refusing_the_session_is_a_502_without_its_credentials(
     make_proxy: ProxyFactory,
     aoai: AzureOpenAIStandIn,
@@ -281,6 +298,9 @@ async def test_an_egress_proxy_refusing_the_session_is_a_502_without_its_credent
                 pass
     assert refused.value.response.status_code == 502
     body = refused.value.response.body.decode()
-    assert "407" in body
+    assert (
+        f"through the egress proxy 127.0.0.1:{egress.port} (HTTPS_PROXY): it answered 407 Proxy "
+        "Authentication Required; give its credentials in the proxy URL"
+    ) in body
     assert "ws-secret" not in body + caplog.text
     assert not any(r.raw_path.startswith("/openai/realtime") for r in aoai.requests)

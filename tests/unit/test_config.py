@@ -174,6 +174,28 @@ def test_a_proxy_reached_over_tls_is_refused_rather_than_silently_bypassed(
     load_settings(env(certificate_file, HTTPS_PROXY="http://proxy.corp:3128"))
 
 
+def test_the_proxy_urls_checked_are_the_ones_used(certificate_file: Path) -> None:
+    # urllib's rule (egress.setting): the lowercase variable wins, even empty; a blank value
+    # is a value, and the token path would fail on it.
+    (problem,) = problems(env(certificate_file, HTTPS_PROXY=" "))
+    assert problem.startswith("HTTPS_PROXY=' ' is not a proxy URL: use http://")
+    load_settings(env(certificate_file, HTTPS_PROXY="proxy.corp:3128", https_proxy=""))
+    (problem,) = problems(
+        env(certificate_file, HTTPS_PROXY="http://ok:1", https_proxy="http://u:pw@proxy:3128/x")
+    )
+    assert problem.startswith("https_proxy='http://<credentials>@proxy:3128/x' is not a proxy")
+    # HTTP_PROXY is checked only where it is used: an http:// upstream
+    load_settings(env(certificate_file, HTTP_PROXY="proxy.corp:3128"))
+    (problem,) = problems(
+        env(
+            certificate_file,
+            HTTP_PROXY="proxy.corp:3128",
+            API_BASE_URL="http://aoai.internal:8080",
+        )
+    )
+    assert problem.startswith("HTTP_PROXY='proxy.corp:3128' is not a proxy URL")
+
+
 def test_workers_default_to_one_and_accept_a_count_or_auto(certificate_file: Path) -> None:
     assert load_settings(env(certificate_file)).workers == 1
     assert load_settings(env(certificate_file, PROXY_WORKERS="3")).workers == 3
