@@ -1,4 +1,4 @@
-"""Outbound HTTP sessions: TLS trust (system store plus SSL_CERT_FILE) and proxy settings."""
+"""Outbound TLS trust (system store plus SSL_CERT_FILE), and the aiohttp session for tokens."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 
 # Before CPython 3.12.8 / 3.13.1 an aborted TLS connection could leak its transport
-# (python/cpython#118960); the proxy aborts one whenever a client cancels mid-stream.
+# (python/cpython#118960); a token fetch cut short by PROXY_TOKEN_TIMEOUT may abort one.
 _NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
@@ -31,18 +31,15 @@ def client_ssl_context(*ca_files: Path | None) -> ssl.SSLContext:
     return context
 
 
-def client_session(
-    ssl_context: ssl.SSLContext, *, limit: int = 0, keepalive_timeout: float = 30.0
-) -> aiohttp.ClientSession:
-    """A pooled session that never changes what passes through it.
+def client_session(ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
+    """A session that never changes what passes through it.
 
     No decompression (bytes pass as sent, RFC 9110 8.4), no cookie jar (a proxy must not mix
     clients' cookies), HTTPS_PROXY/NO_PROXY from the environment honoured.
     """
     connector = aiohttp.TCPConnector(
         ssl=ssl_context,
-        limit=limit,
-        keepalive_timeout=keepalive_timeout,
+        limit=0,
         enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
     )
     return aiohttp.ClientSession(
