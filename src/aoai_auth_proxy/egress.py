@@ -21,15 +21,13 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-# The variables naming the proxy for each origin scheme (WebSocket's use HTTP's), and the
-# bypass list; the lowercase one wins (urllib's rule).
+# The variables naming the proxy for each origin scheme (ws and wss use http's and https's),
+# and the bypass list; the lowercase one wins (urllib's rule).
 VARIABLES = {
     "https": ("https_proxy", "HTTPS_PROXY"),
     "http": ("http_proxy", "HTTP_PROXY"),
     "no": ("no_proxy", "NO_PROXY"),
 }
-
-
 # What a proxy's 407 means for this proxy's user (said in each client's error).
 REFUSED_407 = (
     "answered 407 Proxy Authentication Required; give its credentials in the proxy URL: "
@@ -107,6 +105,8 @@ def parse_proxy_url(url: str, variable: str) -> EgressProxy:
             # RFC 7617 leaves the charset to the proxy: aiohttp (the token path) would send
             # latin-1, a browser UTF-8. Refused rather than sent two ways.
             raise ValueError(f"{shown}: the proxy user and password must be ASCII")
+        if b":" in user:
+            raise ValueError(f"{shown}: the proxy user cannot contain ':' (RFC 7617 2)")
         authorization = "Basic " + base64.b64encode(user + b":" + password).decode("ascii")
     proxy = EgressProxy(parts.hostname, port or 80, variable.upper(), authorization)
     # For other clients (websockets): normalised, with the empty password a user-only URL

@@ -61,6 +61,7 @@ def test_a_proxy_url_names_host_port_and_credentials(url: str, expected: EgressP
         ("http://svc:8080/secret@proxy:3128", "HTTPS_PROXY='http://<credentials>@proxy:3128' is"),
         # RFC 7617 leaves the charset open: sent two ways by two clients, so refused
         ("http://svc:p%C3%A4secret@proxy:3128", "HTTPS_PROXY='http://<credentials>@proxy:3128'"),
+        ("http://s%3Av:secret@proxy:3128", "HTTPS_PROXY='http://<credentials>@proxy:3128': the"),
     ],
 )
 def test_a_bad_proxy_url_is_named_without_its_password(url: str, says: str) -> None:
