@@ -30,7 +30,7 @@ from aoai_auth_proxy.config import load_settings
 from aoai_auth_proxy.errors import ConfigError
 from aoai_auth_proxy.testing import AzureOpenAIStandIn, CertificateAuthority, EntraStandIn
 from tests.conftest import ProxyFactory, RunningProxy, start_proxy, wait_ready
-from tests.integration.test_relay_edges import RawUpstream, reply, sized
+from tests.integration.test_relay_edges import RawUpstream, parse_fields, reply, sized, values
 
 EMBEDDINGS = "/openai/deployments/e/embeddings?api-version=2024-10-21"
 PROXY_VARIABLES = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY", "NO_PROXY")
@@ -310,10 +310,7 @@ async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> No
 
 
 def values_of(head: bytes, name: bytes) -> list[bytes]:
-    lines = head.split(b"\r\n")[1:]
-    return [
-        line.partition(b":")[2].strip() for line in lines if line.lower().startswith(name + b":")
-    ]
+    return values(parse_fields(head), name)
 
 
 async def test_a_tunnel_carries_the_proxy_credentials_on_connect_only(
