@@ -1,17 +1,10 @@
-"""Outbound TLS trust (system store plus SSL_CERT_FILE), and the aiohttp session for tokens."""
+"""Outbound TLS trust: the system store plus SSL_CERT_FILE (and a private upstream CA)."""
 
 from __future__ import annotations
 
 import contextlib
 import ssl
-import sys
 from pathlib import Path
-
-import aiohttp
-
-# Before CPython 3.12.8 / 3.13.1 an aborted TLS connection could leak its transport
-# (python/cpython#118960); a token fetch cut short by PROXY_TOKEN_TIMEOUT may abort one.
-_NEEDS_CLEANUP_CLOSED = sys.version_info < (3, 12, 8) or (3, 13, 0) <= sys.version_info < (3, 13, 1)
 
 
 def client_ssl_context(*ca_files: Path | None) -> ssl.SSLContext:
@@ -29,23 +22,3 @@ def client_ssl_context(*ca_files: Path | None) -> ssl.SSLContext:
         if ca_file is not None:
             context.load_verify_locations(cafile=str(ca_file))
     return context
-
-
-def client_session(ssl_context: ssl.SSLContext) -> aiohttp.ClientSession:
-    """A session that never changes what passes through it.
-
-    No decompression (bytes pass as sent, RFC 9110 8.4), no cookie jar (a proxy must not mix
-    clients' cookies), HTTPS_PROXY/NO_PROXY from the environment honoured.
-    """
-    connector = aiohttp.TCPConnector(
-        ssl=ssl_context,
-        limit=0,
-        enable_cleanup_closed=_NEEDS_CLEANUP_CLOSED,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        trust_env=True,
-        timeout=aiohttp.ClientTimeout(total=None),
-    )

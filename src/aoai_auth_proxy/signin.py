@@ -15,7 +15,6 @@ from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from azure.core.exceptions import AzureError, ClientAuthenticationError
-from azure.core.pipeline.transport import AioHttpTransport
 from azure.identity.aio import (
     CertificateCredential,
     ClientAssertionCredential,
@@ -29,7 +28,8 @@ from .config import Settings
 from .credentials import Token
 from .errors import TokenAcquisitionError
 from .identity import CredentialKind, SecretSource
-from .outbound import client_session
+from .tokenhttp import PoolTransport
+from .upstream import PooledUpstream
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +104,17 @@ class EntraTokenFetcher:
     async def fetch(self) -> Token:
         settings = self._settings
         started = time.time()
+        # A pool per fetch, as a credential per fetch: nothing is kept open between fetches
+        # half an hour apart, and an egress proxy set since the last one is taken.
+        pool = PooledUpstream(
+            self._ssl_context,
+            connect_timeout=settings.connect_timeout,
+            read_timeout=settings.token_timeout,
+            peer="token endpoint",
+            ca_settings="SSL_CERT_FILE",
+        )
         try:
-            async with client_session(self._ssl_context) as session:
-                transport = AioHttpTransport(session=session, session_owner=False)
+            async with PoolTransport(pool) as transport:
                 credential = self._credential(transport)
                 async with credential:
                     info = await credential.get_token_info(settings.scope)
@@ -123,7 +131,7 @@ class EntraTokenFetcher:
             refresh_on=float(info.refresh_on) if info.refresh_on else None,
         )
 
-    def _credential(self, transport: AioHttpTransport) -> Credential:
+    def _credential(self, transport: PoolTransport) -> Credential:
         identity = self._settings.identity
         authority = self._settings.authority_host
         tenant, client = identity.tenant_id, identity.client_id

@@ -201,7 +201,7 @@ class PooledConnection(ReadsIntoBuffer):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._fail("the upstream switched protocols on a plain HTTP request")
+            self._fail("it switched protocols on a plain HTTP request")
         except httptools.HttpParserCallbackError as exc:
             if self._error is None:
                 self._fail(str(exc.__context__ or exc))
@@ -225,7 +225,7 @@ class PooledConnection(ReadsIntoBuffer):
         self.closed = True
         self._pool.forget(self)
         if not self.complete and (self._head is not None or self.sink is not None):
-            message = str(exc) if exc is not None else "the upstream closed the connection"
+            message = str(exc) if exc is not None else "it closed the connection"
             self._fail(message, kind="reset")
         self._drop_timer()
         if self._can_write is not None and not self._can_write.done():
@@ -523,9 +523,8 @@ class PooledConnection(ReadsIntoBuffer):
         if sink is not None:
             self.sink = None
             retry = self.reused and _may_resend(failure, self._method)
-            error = _head_error(failure, self.origin)
-            if self.status:
-                error = _mid_body_error(failure, self.origin)
+            who = self._pool.named(self.origin)
+            error = _mid_body_error(failure, who) if self.status else _head_error(failure, who)
             sink.on_error(error, retry=retry)
 
     def _timed_out(self, waiter: asyncio.Future[None]) -> None:
@@ -542,8 +541,11 @@ class PooledConnection(ReadsIntoBuffer):
 class _Response:
     """The seam's UpstreamResponse over one pooled connection."""
 
-    def __init__(self, connection: PooledConnection, origin: str, read_timeout: float) -> None:
+    def __init__(
+        self, connection: PooledConnection, pool: PooledUpstream, origin: str, read_timeout: float
+    ) -> None:
         self._connection = connection
+        self._pool = pool
         self._origin = origin
         self._read_timeout = read_timeout
         self.status = connection.status
@@ -561,7 +563,7 @@ class _Response:
         try:
             chunk = await self._connection.read(self._read_timeout)
         except _Failure as failure:
-            raise _mid_body_error(failure, self._origin) from None
+            raise _mid_body_error(failure, self._pool.named(self._origin)) from None
         if not chunk:
             raise StopAsyncIteration
         return chunk
@@ -598,13 +600,13 @@ class _Exchange:
                     and not isinstance(body, AsyncIterable)
                 )
                 if not retry:
-                    raise _head_error(failure, origin) from None
+                    raise _head_error(failure, pool.named(origin)) from None
                 continue
             except BaseException:
                 connection.close()
                 self._connection = None
                 raise
-            return _Response(connection, origin, pool.read_timeout)
+            return _Response(connection, pool, origin, pool.read_timeout)
         raise AssertionError("unreachable")
 
     async def __aexit__(
@@ -678,22 +680,28 @@ def _may_resend(failure: _Failure, method: str) -> bool:
     return failure.before_response and failure.kind == "reset" and method in IDEMPOTENT
 
 
-def _head_error(failure: _Failure, origin: str) -> ProxyError:
+def _head_error(failure: _Failure, who: str) -> ProxyError:
+    """`who` is the pool's peer and origin ("upstream https://..."), as `PooledUpstream.named`."""
+    who = who[:1].upper() + who[1:]
     if failure.kind == "timeout":
-        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
+        return GatewayTimeout(f"{who} did not answer in time", kind="timeout")
     if failure.kind == "reset":
-        return BadGateway(f"Upstream {origin} closed the connection: {failure}", kind="reset")
-    return BadGateway(f"Upstream {origin} failed: {failure}", kind=failure.kind)
+        return BadGateway(f"{who} closed the connection: {failure}", kind="reset")
+    return BadGateway(f"{who} failed: {failure}", kind=failure.kind)
 
 
-def _mid_body_error(failure: _Failure, origin: str) -> ProxyError:
+def _mid_body_error(failure: _Failure, who: str) -> ProxyError:
+    who = who[:1].upper() + who[1:]
     if failure.kind == "timeout":
-        return GatewayTimeout(f"Upstream {origin} did not answer in time", kind="timeout")
-    return BadGateway(f"Upstream {origin} broke off its response: {failure}", kind="reset")
+        return GatewayTimeout(f"{who} did not answer in time", kind="timeout")
+    return BadGateway(f"{who} broke off its response: {failure}", kind="reset")
 
 
 class PooledUpstream:
-    """The seam's Upstream: keep-alive connections to the upstream origin, reused LIFO."""
+    """The seam's Upstream: keep-alive connections to the upstream origin, reused LIFO.
+
+    `peer` and `ca_settings` only word its errors: the token path's pool (`tokenhttp`) is
+    "Entra ID", whose CA only SSL_CERT_FILE adds."""
 
     def __init__(
         self,
@@ -702,7 +710,11 @@ class PooledUpstream:
         connect_timeout: float,
         read_timeout: float,
         idle_seconds: float = IDLE_SECONDS,
+        peer: str = "upstream",
+        ca_settings: str = "SSL_CERT_FILE or PROXY_UPSTREAM_CA_FILE",
     ) -> None:
+        self.peer = peer
+        self._ca_settings = ca_settings
         self._ssl_context = ssl_context
         self._connect_timeout = connect_timeout
         self.read_timeout = read_timeout
@@ -722,6 +734,10 @@ class PooledUpstream:
 
     def open(self, request: UpstreamRequest) -> _Exchange:
         return _Exchange(self, request)
+
+    def named(self, origin: str) -> str:
+        """How errors name a connection's other end: "upstream https://..."."""
+        return f"{self.peer} {origin}"
 
     async def acquire(self, origin: str) -> PooledConnection:
         return self._idle_connection(origin) or await self._connect(origin)
@@ -787,7 +803,7 @@ class PooledUpstream:
         try:
             proxy = egress_proxy(where.scheme, where.host)
         except ValueError as exc:  # load_settings refuses such a URL at start-up
-            raise BadGateway(f"Cannot reach upstream {origin}: {exc}", kind="connect") from None
+            raise BadGateway(f"Cannot reach {self.named(origin)}: {exc}", kind="connect") from None
         loop = asyncio.get_running_loop()
         tls = where.scheme == "https"
         connection = PooledConnection(loop, self, origin)
@@ -815,19 +831,19 @@ class PooledUpstream:
             connection.close()
             via = "" if proxy is None else f" through the egress proxy {proxy.named}"
             raise GatewayTimeout(
-                f"Cannot connect to upstream {origin}{via}: timed out", kind="connect"
+                f"Cannot connect to {self.named(origin)}{via}: timed out", kind="connect"
             ) from None
         except ssl.SSLError as exc:
             connection.close()
             # Verification is never switched off: name the CA settings that fix it.
             raise BadGateway(
-                f"TLS with upstream {origin} failed: {exc}; trust its CA with SSL_CERT_FILE "
-                "or PROXY_UPSTREAM_CA_FILE",
+                f"TLS with {self.named(origin)} failed: {exc}; trust its CA with "
+                f"{self._ca_settings}",
                 kind="tls",
             ) from None
         except OSError as exc:
             connection.close()
-            message = f"Cannot connect to upstream {origin}: {str(exc) or type(exc).__name__}"
+            message = f"Cannot connect to {self.named(origin)}: {str(exc) or type(exc).__name__}"
             raise BadGateway(message, kind="connect") from None
         except BaseException:
             connection.close()
@@ -846,7 +862,7 @@ class PooledUpstream:
             transport, _ = await loop.create_connection(protocol, proxy.host, proxy.port)
         except OSError as exc:
             raise BadGateway(
-                f"Cannot connect to the egress proxy {proxy.named} for upstream {origin}: {exc}",
+                f"Cannot connect to the egress proxy {proxy.named} for {self.named(origin)}: {exc}",
                 kind="connect",
             ) from None
         return transport
@@ -882,8 +898,8 @@ class PooledUpstream:
                 refusal = "it sent bytes after opening the tunnel"
             if refusal:
                 raise BadGateway(
-                    f"The egress proxy {proxy.named} did not open a tunnel to upstream "
-                    f"{origin}: {refusal}",
+                    f"The egress proxy {proxy.named} did not open a tunnel to "
+                    f"{self.named(origin)}: {refusal}",
                     kind="connect",
                 )
             tls_transport = await loop.start_tls(
@@ -898,7 +914,7 @@ class PooledUpstream:
         except OSError as exc:
             transport.close()
             raise BadGateway(
-                f"The egress proxy {proxy.named} broke the tunnel to upstream {origin}: "
+                f"The egress proxy {proxy.named} broke the tunnel to {self.named(origin)}: "
                 f"{str(exc) or type(exc).__name__}",
                 kind="connect",
             ) from None

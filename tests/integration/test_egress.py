@@ -2,9 +2,9 @@
 proxy (proxy.py, from PyPI) and a scripted one on loopback; private CAs; TLS verification never
 silently off.
 
-The token path is an aiohttp session with `trust_env=True`; the upstream pool reads the same
-variables the same way (`egress`: urllib's `getproxies()`/`proxy_bypass()`, lowercase winning)
-when it opens a connection.
+The token path and the upstream share one client (`upstream.PooledUpstream`; azure-identity
+uses it through `tokenhttp`), which reads the variables as urllib does (`egress`:
+`getproxies()`/`proxy_bypass()`, lowercase winning) when it opens a connection.
 """
 
 from __future__ import annotations
@@ -187,9 +187,9 @@ async def test_token_fetch_and_upstream_honour_https_proxy_and_no_proxy(
         ("2", "Entra ID did not answer within 2 s"),  # cut short before azure-core gives up
         (
             "8",
-            "cannot reach Entra ID at https://127.0.0.1:{entra}: Cannot connect to host "
-            "127.0.0.1:{dead}",
-        ),  # names the proxy it could not reach
+            "cannot reach Entra ID at https://127.0.0.1:{entra}: Cannot connect to the egress "
+            "proxy 127.0.0.1:{dead} (HTTPS_PROXY) for token endpoint https://127.0.0.1:{entra}",
+        ),  # names the proxy it could not reach, and the variable that chose it
     ],
     ids=["token-timeout", "azure-core-gives-up"],
 )
@@ -335,6 +335,36 @@ async def test_a_tunnel_carries_the_proxy_credentials_on_connect_only(
     for request in aoai.requests:  # inside the tunnel, the origin never sees them
         assert "proxy-authorization" not in {name.lower() for name, _ in request.headers}
     assert "w0rd" not in caplog.text
+
+
+@pytest.mark.parametrize("userinfo", ["", "svc:s3cret@"], ids=["no-credentials", "credentials"])
+async def test_the_token_fetch_tunnels_with_the_url_credentials_only_never_netrc(
+    userinfo: str,
+    make_proxy: ProxyFactory,
+    entra: EntraStandIn,
+    aoai: AzureOpenAIStandIn,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    # aiohttp's trust_env (the token path's client before) added ~/.netrc's login for a host
+    # whose URL had none: on this test it sent Entra a Basic Authorization it refused
+    # (AADSTS900144), credentials the operator never gave the proxy.
+    netrc = tmp_path / ".netrc"
+    netrc.write_text("machine 127.0.0.1 login netrc-user password netrc-pass\n")
+    netrc.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(netrc))
+    async with ScriptedProxy() as egress:
+        # Entra (127.0.0.1) through the proxy, the upstream (localhost) direct.
+        use_proxy(monkeypatch, egress.url(userinfo), no_proxy="localhost")
+        proxy = await make_proxy(API_BASE_URL=f"https://localhost:{aoai.port}")
+        status, _ = await post(proxy)
+        assert status == 200
+    [head] = egress.heads
+    assert head.startswith(f"CONNECT 127.0.0.1:{entra.port} HTTP/1.1\r\n".encode())
+    expected = [b"Basic " + base64.b64encode(b"svc:s3cret")] if userinfo else []
+    assert values_of(head, b"proxy-authorization") == expected
+    assert entra.token_requests == 1
 
 
 @pytest.mark.parametrize(
