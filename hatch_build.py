@@ -24,10 +24,9 @@ from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
 SRC = Path(__file__).resolve().parent / "src"
 PACKAGE = "aoai_auth_proxy"
-# Every module a forwarded request runs through. Not: the aiohttp glue (middlewares.py: mypyc
-# cannot give compiled functions the attribute @web.middleware sets), errors.py (exceptions
-# must stay Python classes: see logs.NOT_NATIVE), and what runs once or per token rather than
-# per request.
+# Every module a forwarded request runs through. Not: errors.py (exceptions must stay Python
+# classes: see logs.NOT_NATIVE), websocket.py (a session's frames are the websockets
+# library's work), and what runs once or per token rather than per request.
 NATIVE = (
     "credentials",
     "forwarding",

@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 import pytest_asyncio
 import uvloop
-from aiohttp import web
 
 import aoai_auth_proxy
+from aoai_auth_proxy.app import ProxyApp
 from aoai_auth_proxy.config import Settings, load_settings
 from aoai_auth_proxy.server import ProxyServer
 from aoai_auth_proxy.testing import (
@@ -114,7 +114,7 @@ class RunningProxy:
         return self.server.url
 
     @property
-    def app(self) -> web.Application:
+    def app(self) -> ProxyApp:
         return self.server.app
 
     @property

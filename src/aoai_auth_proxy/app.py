@@ -1,46 +1,93 @@
-"""The application factories: the proxy app, and the admin app (probes and metrics only)."""
+"""The application: the proxy's state in one object, built from the settings in one place.
+
+`create_app` makes the token source, the upstream pool, TLS trust, the lifecycle, the metrics
+and the inbound rules; `server.ProxyServer` listens with them (`http1.Frontend` on the proxy
+port, and on the admin port when there is one) and opens and closes them with `start`/`close`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import ssl
-from collections.abc import AsyncIterator
-
-from aiohttp import web
+from typing import Generic, TypeVar, cast
 
 from .config import Settings
 from .credentials import RefreshingTokenSource, TokenSource
-from .errors import BadRequest
-from .health import HEALTH_PATHS, health_routes
 from .inbound import InboundKeys, InboundRules, allowed_host_names
 from .lifecycle import Lifecycle
 from .metrics import Metrics
-from .middlewares import (
-    log_cancelled,
-    observe,
-    proxy_errors,
-    require_host,
-    require_key,
-    require_sound_framing,
-    track,
-)
 from .outbound import client_ssl_context
-from .relay import Upstream, relay
+from .relay import Upstream
 from .signin import EntraTokenFetcher
 from .upstream import PooledUpstream
-from .websocket import is_websocket_upgrade, relay_websocket
 
 log = logging.getLogger(__name__)
 
-SETTINGS = web.AppKey("settings", Settings)
-TOKEN_SOURCE = web.AppKey("token_source", TokenSource)
-UPSTREAM = web.AppKey("upstream", Upstream)
-LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
-METRICS = web.AppKey("metrics", Metrics)
-# What may use the proxy port, for the server that answers on it (http1.py) as well.
-INBOUND_RULES = web.AppKey("inbound_rules", InboundRules)
-METRICS_PATH = "/metrics"
+_T = TypeVar("_T")
+
+
+class Key(Generic[_T]):
+    """A typed name for one part of the app: `app[TOKEN_SOURCE]` is a TokenSource."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Key({self.name!r})"
+
+
+SETTINGS: Key[Settings] = Key("settings")
+TOKEN_SOURCE: Key[TokenSource] = Key("token_source")
+UPSTREAM: Key[Upstream] = Key("upstream")
+LIFECYCLE: Key[Lifecycle] = Key("lifecycle")
+METRICS: Key[Metrics] = Key("metrics")
+# What may use the proxy port (Host names, keys).
+INBOUND_RULES: Key[InboundRules] = Key("inbound_rules")
+# TLS trust for the upstream (HTTP and WebSocket).
+UPSTREAM_SSL: Key[ssl.SSLContext] = Key("upstream_ssl")
+
+
+class ProxyApp:
+    """The proxy's state. Parts are attributes, and also `app[KEY]` for the keys above."""
+
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        token_source: TokenSource,
+        upstream: Upstream,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        inbound_rules: InboundRules,
+        upstream_ssl: ssl.SSLContext,
+    ) -> None:
+        self.settings = settings
+        self.token_source = token_source
+        self.upstream = upstream
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+        self.inbound_rules = inbound_rules
+        self.upstream_ssl = upstream_ssl
+        self._resources: contextlib.AsyncExitStack | None = None
+
+    def __getitem__(self, key: Key[_T]) -> _T:
+        return cast(_T, getattr(self, key.name))
+
+    async def start(self) -> None:
+        """Open the upstream pool, then start fetching tokens."""
+        async with contextlib.AsyncExitStack() as stack:
+            await self.upstream.start()
+            stack.push_async_callback(self.upstream.close)
+            self.token_source.start()
+            stack.push_async_callback(self.token_source.close)
+            self._resources = stack.pop_all()
+
+    async def close(self) -> None:
+        """Stop the token source, then close the upstream pool (the reverse of `start`)."""
+        resources, self._resources = self._resources, None
+        if resources is not None:
+            await resources.aclose()
 
 
 def default_token_source(
@@ -72,11 +119,8 @@ def create_app(
     *,
     token_source: TokenSource | None = None,
     upstream: Upstream | None = None,
-) -> web.Application:
-    """Build the proxy application; its token source and upstream open and close with it.
-
-    The app holds the proxy's state; `http1.py` serves the proxy port from it, and hands the
-    connections it does not serve itself (WebSocket upgrades) to this app's routes."""
+) -> ProxyApp:
+    """Build the proxy's state; `token_source` and `upstream` replace the real ones (tests)."""
     metrics = Metrics()
     # TLS trust: Entra's, and the upstream's (HTTP and WebSocket), one context when they
     # trust the same CAs: each holds its own copy of the system's (about 0.9 MB, issue 8).
@@ -92,63 +136,15 @@ def create_app(
         else default_token_source(settings, metrics, entra_ssl)
     )
     outbound = upstream if upstream is not None else default_upstream(settings, upstream_ssl)
-    lifecycle = Lifecycle()
     metrics.watch_token(tokens.status)
-
-    reserved = frozenset((*HEALTH_PATHS, METRICS_PATH))
-    middlewares = [
-        track(lifecycle),
-        observe(metrics, exempt=reserved),
-        log_cancelled,
-        proxy_errors,
-        require_sound_framing,
-    ]
     hosts = allowed_host_names(settings.allowed_hosts, loopback_only=settings.binds_loopback_only)
-    if hosts is not None:
-        middlewares.append(require_host(hosts))
     keys = InboundKeys(settings.api_keys) if settings.api_keys is not None else None
-    if keys is not None:
-        # Probes stay open: kubelet and load balancers cannot send a key.
-        middlewares.append(require_key(keys, exempt=HEALTH_PATHS))
-    app = web.Application(middlewares=middlewares)
-    app[INBOUND_RULES] = InboundRules(hosts, keys)
-    app[SETTINGS] = settings
-    app[TOKEN_SOURCE] = tokens
-    app[UPSTREAM] = outbound
-    app[LIFECYCLE] = lifecycle
-    app[METRICS] = metrics
-
-    async def resources(app: web.Application) -> AsyncIterator[None]:
-        async with contextlib.AsyncExitStack() as stack:
-            await outbound.start()
-            stack.push_async_callback(outbound.close)
-            tokens.start()
-            stack.push_async_callback(tokens.close)
-            yield
-
-    app.cleanup_ctx.append(resources)
-
-    async def forward(request: web.Request) -> web.StreamResponse:
-        if is_websocket_upgrade(request):
-            return await relay_websocket(request, settings, tokens, upstream_ssl)
-        if "Upgrade" in request.headers:
-            # h2c and other upgrades through a proxy are a known smuggling path: refuse them
-            # rather than drop the header and let the two ends disagree on the protocol.
-            raise BadRequest(f"Upgrade to {request.headers['Upgrade']!r} is not supported")
-        return await relay(request, settings, tokens, outbound)
-
-    app.add_routes(health_routes(tokens, lifecycle))
-    app.router.add_get(METRICS_PATH, metrics.handler)
-    # Every other method and path is forwarded; aiohttp's router does not normalise the raw
-    # path we forward (relay reads request.raw_path).
-    app.router.add_route("*", "/{path:.*}", forward)
-    return app
-
-
-def create_admin_app(app: web.Application) -> web.Application:
-    """Probes and /metrics of `app` for a separate listener (PROXY_ADMIN_PORT): kubelet and
-    Prometheus reach them while the proxy port stays on 127.0.0.1. Nothing is forwarded."""
-    admin = web.Application()
-    admin.add_routes(health_routes(app[TOKEN_SOURCE], app[LIFECYCLE]))
-    admin.router.add_get(METRICS_PATH, app[METRICS].handler)
-    return admin
+    return ProxyApp(
+        settings=settings,
+        token_source=tokens,
+        upstream=outbound,
+        lifecycle=Lifecycle(),
+        metrics=metrics,
+        inbound_rules=InboundRules(hosts, keys),
+        upstream_ssl=upstream_ssl,
+    )

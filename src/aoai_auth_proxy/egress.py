@@ -1,7 +1,7 @@
 """Which egress proxy (HTTPS_PROXY/HTTP_PROXY, less NO_PROXY) carries a connection to an origin.
 
-The variables are read by urllib's rules, which aiohttp's `trust_env` (the token path) uses
-too: a lowercase variable wins over its uppercase twin, and an empty lowercase one means no
+The variables are read by urllib's rules, for the upstream, the token endpoint (`tokenhttp`)
+and WebSocket sessions alike: a lowercase variable wins over its uppercase twin, and an empty lowercase one means no
 proxy; NO_PROXY is matched per host (`urllib.request.proxy_bypass_environment`); ALL_PROXY is
 not used. `load_settings` checks the very values used here, so a proxy URL that passed start-up
 never fails later. A proxy is reached over plain HTTP (`http://[user:password@]host[:port]`):
@@ -33,8 +33,8 @@ REFUSED_407 = (
     "answered 407 Proxy Authentication Required; give its credentials in the proxy URL: "
     "http://user:password@host:port"
 )
-# NO_PROXY matching as urllib's proxy_bypass() does it on Linux, and aiohttp through it; in
-# CPython's urllib.request since 3.0, absent from typeshed.
+# NO_PROXY matching as urllib's proxy_bypass() does it on Linux (and requests, aiohttp and
+# curl-alikes through it); in CPython's urllib.request since 3.0, absent from typeshed.
 _proxy_bypass_environment: Callable[[str, Mapping[str, str]], bool] = (
     urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
 )
@@ -79,7 +79,7 @@ def parse_proxy_url(url: str, variable: str) -> EgressProxy:
     except ValueError:  # a bad port, or brackets that are not an IPv6 address
         parts, port = urllib.parse.urlsplit(""), -1
     if parts.scheme.lower() == "https":
-        # aiohttp (the token path) cannot speak TLS to a proxy either; it would go direct.
+        # TLS to the proxy would wrap the tunnel's TLS in a second layer: not supported.
         raise ValueError(
             f"{shown}: a proxy reached over TLS is not supported; use http://host:port "
             "(the tunnel to Azure is still TLS end to end)"
@@ -102,8 +102,8 @@ def parse_proxy_url(url: str, variable: str) -> EgressProxy:
         user = urllib.parse.unquote_to_bytes(parts.username)
         password = urllib.parse.unquote_to_bytes(parts.password or "")
         if not (user + password).isascii():
-            # RFC 7617 leaves the charset to the proxy: aiohttp (the token path) would send
-            # latin-1, a browser UTF-8. Refused rather than sent two ways.
+            # RFC 7617 leaves the charset to the proxy: aiohttp would send latin-1, a browser
+            # UTF-8. Refused rather than sent one way a proxy may not expect.
             raise ValueError(f"{shown}: the proxy user and password must be ASCII")
         if b":" in user:
             raise ValueError(f"{shown}: the proxy user cannot contain ':' (RFC 7617 2)")
@@ -127,8 +127,8 @@ def egress_proxy(
     scheme: str, host: str, environ: Mapping[str, str] | None = None
 ) -> EgressProxy | None:
     """The proxy that carries a connection to `scheme://host` ("ws"/"wss" as "http"/"https"),
-    from `environ` (this process's environment, read now, as aiohttp reads it per request),
-    or None to go direct."""
+    from `environ` (this process's environment, read now: per connection, as urllib reads it
+    per request), or None to go direct."""
     if environ is None:
         environ = os.environ
     kind = {"ws": "http", "wss": "https"}.get(scheme, scheme)

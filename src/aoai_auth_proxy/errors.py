@@ -9,6 +9,7 @@
     ├── HeadersTooLarge     431    the request's header section is larger than the proxy accepts
     ├── UnsupportedCoding   501    a transfer coding other than chunked
     ├── Unauthorized        401    the inbound key is missing or wrong
+    ├── NotFound            404    not a path the admin port serves (it forwards nothing)
     ├── BadGateway          502    the upstream could not be reached or broke off
     ├── NoValidToken        503    no unexpired Entra token is held (message carries AADSTS...)
     ├── NotReady            503    the proxy is starting or draining
@@ -109,6 +110,11 @@ class VersionNotSupported(ProxyError):
 class Unauthorized(ProxyError):
     status = 401
     code = "invalid_proxy_api_key"
+
+
+class NotFound(ProxyError):
+    status = 404
+    code = "not_found"
 
 
 class BadGateway(ProxyError):

@@ -11,10 +11,11 @@ connection and back from that connection's parser callbacks, with no task, corou
 buffer. Everything else (streamed bodies, probes, errors, a 401 to replay, no idle upstream
 connection) is served by a task running `relay.forward`.
 
-What it does not do itself, it hands over: a WebSocket handshake goes to aiohttp's server with
-the connection, where `websocket.py` serves it. The request head is rebuilt from what llhttp
-parsed and replayed, with the bytes that followed it. Other upgrades (h2c) and CONNECT, which
-llhttp also reports as upgrades, are refused here.
+A WebSocket handshake is served by a task too (`_serve_upgrade`): `websocket.py` checks it and
+opens the upstream session; the upstream's refusal goes back as a plain answer, else the 101
+does and the socket is the session's (websockets' own connection) until it ends, with the
+bytes that followed the head. Other upgrades (h2c) and CONNECT, which llhttp also reports as
+upgrades, are refused.
 
 Framing toward the client (RFC 9112 6): a response with Content-Length keeps it and its
 bytes; a response without one is sent chunked to an HTTP/1.1 client and close-delimited to
@@ -28,8 +29,9 @@ import asyncio
 import collections
 import json
 import logging
+import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from http import HTTPStatus
 from typing import Any, cast
 
@@ -45,6 +47,7 @@ from .errors import (
     ExpectationFailed,
     HeadersTooLarge,
     MethodNotImplemented,
+    NotFound,
     ProxyError,
     RequestTimeout,
     UriTooLong,
@@ -62,11 +65,12 @@ from .forwarding import (
 from .health import HEALTH_PATHS, readiness
 from .inbound import MAX_HEADER_BYTES, InboundKeys, framing_problem, host_problem, key_problem
 from .lifecycle import Lifecycle
-from .logs import CLIENT_CLOSED_REQUEST, UpstreamTiming, access_line
+from .logs import CLIENT_CLOSED_REQUEST, SessionStats, UpstreamTiming, access_line
 from .metrics import Metrics
 from .readbuffer import ReadBuffer, ReadsIntoBuffer
 from .relay import Upstream, forward
 from .upstream import PooledConnection, PooledUpstream
+from .websocket import Refusal, open_session, relay
 
 log = logging.getLogger(__name__)
 # Answered errors keep the logger name they had under aiohttp's server (app.py), so filters
@@ -251,8 +255,9 @@ class Frontend:
         metrics: Metrics,
         keys: InboundKeys | None,
         hosts: frozenset[str] | None,
-        hand_over: Callable[[], asyncio.Protocol],
+        upstream_ssl: ssl.SSLContext,
         access_log: logging.Logger,
+        admin: bool = False,
     ) -> None:
         self.settings = settings
         self.token_source = token_source
@@ -261,8 +266,11 @@ class Frontend:
         self.metrics = metrics
         self.keys = keys
         self.hosts = hosts
-        self.hand_over = hand_over
+        self.upstream_ssl = upstream_ssl  # TLS trust for WebSocket sessions upstream
         self.access_log = access_log
+        # The admin port (PROXY_ADMIN_PORT): probes and /metrics only, nothing forwarded,
+        # counted or access-logged; kubelet and Prometheus need no key or Host name there.
+        self.admin = admin
         self.connections: set[ClientConnection] = set()
         self.closing = False
         self.reads = ReadBuffer()
@@ -632,7 +640,8 @@ class ClientConnection(ReadsIntoBuffer):
             self._send_refusal()
             return
         if self._pending_upgrade is not None:
-            self._hand_over(*self._pending_upgrade)
+            # Kept set: nothing the client sends from here on is read as HTTP (data_received).
+            self._task = self._loop.create_task(self._serve_upgrade(*self._pending_upgrade))
             return
         if self._frontend.closing:
             self.close_if_idle()
@@ -646,7 +655,7 @@ class ClientConnection(ReadsIntoBuffer):
         connection is idle. False (nothing sent, nothing answered) otherwise."""
         frontend = self._frontend
         upstream = frontend.upstream
-        if not isinstance(upstream, PooledUpstream) or not request.body.done:
+        if not isinstance(upstream, PooledUpstream) or not request.body.done or frontend.admin:
             return False
         if request.chunked or request.upgrade_offer is not None:
             return False
@@ -736,7 +745,7 @@ class ClientConnection(ReadsIntoBuffer):
         started = time.monotonic()
         response = _Response(self, request)
         path = request.target.partition(b"?")[0].decode("latin-1")
-        observed = path not in _RESERVED
+        observed = path not in _RESERVED and not frontend.admin
         if observed:
             frontend.metrics.in_flight += 1
         status = 500
@@ -745,7 +754,8 @@ class ClientConnection(ReadsIntoBuffer):
             status = response.status
         except ProxyError as exc:
             status = exc.status
-            self.log_error(request, exc)
+            if not frontend.admin:
+                self.log_error(request, exc)
             if response.started:
                 response.abort()  # a head is out: the client must see a broken response
             else:
@@ -774,16 +784,17 @@ class ClientConnection(ReadsIntoBuffer):
                     streamed=response.event_stream,
                     timing=response.timing,
                 )
-            access_line(
-                frontend.access_log,
-                request.method,
-                _text(request.target),
-                status,
-                bytes_in=request.body.received,
-                bytes_out=response.bytes_out,
-                seconds=seconds,
-                upstream=response.timing,
-            )
+            if not frontend.admin:
+                access_line(
+                    frontend.access_log,
+                    request.method,
+                    _text(request.target),
+                    status,
+                    bytes_in=request.body.received,
+                    bytes_out=response.bytes_out,
+                    seconds=seconds,
+                    upstream=response.timing,
+                )
             frontend.lifecycle.leave(task)
         if response.keep_alive and not self.lost:
             self._next()
@@ -807,9 +818,11 @@ class ClientConnection(ReadsIntoBuffer):
         headers = [(_text(n), _text(v)) for n, v in request.headers]
         if problem := self._admission_problem(request, path, headers):
             raise problem
-        if request.method in ("GET", "HEAD") and path in _RESERVED:
+        if request.method in _PROBE_METHODS and path in _RESERVED:
             await self._reserved(request, path, response)
             return
+        if frontend.admin:
+            raise NotFound(_ADMIN_ONLY)
         if request.upgrade_offer is not None:
             # h2c and other upgrades through a proxy are a known smuggling path: refuse them
             # rather than drop the header and let the two ends disagree on the protocol.
@@ -859,31 +872,135 @@ class ClientConnection(ReadsIntoBuffer):
             status, _json(body), "application/json", extra=(("Cache-Control", "no-store"),)
         )
 
-    def _hand_over(self, request: _Request, tail: bytes) -> None:
-        """Give the connection to aiohttp's server (a WebSocket handshake) with the request
-        head rebuilt from what llhttp parsed, and the bytes that followed it."""
+    async def _serve_upgrade(self, request: _Request, early: bytes) -> None:
+        """A WebSocket handshake, with `early` the bytes that came after its head. The same
+        rules, counts and access line as `_serve`; the line is written when the session ends,
+        with its frames and close code."""
+        frontend = self._frontend
+        task = asyncio.current_task()
+        assert task is not None
+        frontend.lifecycle.enter(task)
+        started = time.monotonic()
+        # Not upgraded after all (refused, or an error): the connection goes on as HTTP/1.1.
+        # Its head was all of the request (llhttp stops there: what follows is `early`).
+        request.body.finish()
+        response = _Response(self, request)
+        target = _text(request.target)
+        path = target.partition("?")[0]
+        observed = path not in _RESERVED and not frontend.admin
+        if observed:
+            frontend.metrics.in_flight += 1
+        status = 500
+        stats: SessionStats | None = None
+        try:
+            if request.version > (1, 1):
+                major, minor = request.version
+                raise VersionNotSupported(f"HTTP/{major}.{minor} is not supported; use HTTP/1.1")
+            if problem := framing_problem(request.version, request.headers):
+                raise problem
+            headers = [(_text(n), _text(v)) for n, v in request.headers]
+            if problem := self._admission_problem(request, path, headers):
+                raise problem
+            if request.method in _PROBE_METHODS and path in _RESERVED:
+                await self._reserved(request, path, response)
+                status = response.status
+            elif frontend.admin:
+                raise NotFound(_ADMIN_ONLY)
+            else:
+                outcome = await open_session(
+                    frontend.settings,
+                    frontend.token_source,
+                    frontend.upstream_ssl,
+                    method=request.method,
+                    target=target,
+                    version=request.version,
+                    headers=headers,
+                )
+                if isinstance(outcome, Refusal):
+                    sized = (*outcome.headers, ("Content-Length", str(len(outcome.body))))
+                    response.head_now(outcome.status, outcome.reason, sized)
+                    response.body_now(outcome.body)
+                    await self.drain()
+                    status = outcome.status
+                else:
+                    stats = SessionStats()
+                    response.started = True
+                    response.write_now(outcome.answer)
+                    status = response.status = 101
+                    await relay(outcome, self._take_over(), early, stats)
+        except ProxyError as exc:
+            status = exc.status
+            if not frontend.admin:
+                self.log_error(request, exc)
+            if not response.started and not self.lost:
+                await response.send_error(exc)
+        except asyncio.CancelledError:
+            if stats is None:  # a session keeps its 101; relay() closed it with 1001
+                status = CLIENT_CLOSED_REQUEST
+                response.abort()
+        except Exception:
+            log.exception("%s %s failed", request.method, redact_target(target))
+            if not response.started and not self.lost:
+                await response.send_error(ProxyError("Internal proxy error"))
+        finally:
+            seconds = time.monotonic() - started
+            if observed:
+                frontend.metrics.in_flight -= 1
+                frontend.metrics.observe(
+                    request.method,
+                    frontend.metrics.deployment(path),
+                    str(status),
+                    seconds,
+                    streamed=False,
+                    timing=None,
+                    session=stats,
+                )
+            if not frontend.admin:
+                access_line(
+                    frontend.access_log,
+                    request.method,
+                    target,
+                    status,
+                    bytes_in=0,
+                    bytes_out=response.bytes_out,
+                    seconds=seconds,
+                    upstream=None,
+                    session=stats,
+                )
+            frontend.lifecycle.leave(task)
+            if stats is not None:
+                # The socket was the session's: its end is this connection's end.
+                self.lost = True
+                frontend.connections.discard(self)
+                if self._transport is not None:
+                    self._transport.abort()  # closed already, unless the session never began
+        if self.lost or self._transport is None:
+            return
+        self._task = None
+        if not response.keep_alive:
+            self._close_lingering()  # the client may have sent more after its head
+            return
+        # llhttp stops for good at an upgrade: a new parser reads what the client sent next.
         self._pending_upgrade = None
-        self._frontend.connections.discard(self)
-        self._stop_idle_timer()
-        self._stop_send_timer()  # aiohttp's protocol gets the transport's flow control now
+        self._parser = httptools.HttpRequestParser(self)
+        self.resume_reading("upgrade")
+        if early:
+            self.data_received(early)
+        if not self._busy and not self.lost:
+            self._next()
+
+    def _take_over(self) -> asyncio.Transport:
+        """The client's transport, for a WebSocket session: the 101 is out, no timer of this
+        connection is left, and reading is paused until the session's protocol has it
+        (uvloop chooses how reads arrive, into our buffer or as bytes, when reading starts)."""
         transport = self._transport
         assert transport is not None
-        head = b"%s %s HTTP/%d.%d\r\n" % (
-            request.method.encode("ascii"),
-            request.target,
-            *request.version,
-        )
-        head += b"".join(b"%s: %s\r\n" % field for field in request.headers) + b"\r\n"
         self.flush()
-        # Not reading while the protocol changes: uvloop chooses how reads arrive (into our
-        # read buffer, or as bytes for aiohttp's handler) when reading starts.
+        self._stop_idle_timer()
+        self._stop_send_timer()
         transport.pause_reading()
-        handler = self._frontend.hand_over()
-        transport.set_protocol(handler)
-        handler.connection_made(transport)
         self._paused_by.clear()
-        transport.resume_reading()
-        handler.data_received(head + tail)
+        return transport
 
     def _refuse(self, error: ProxyError) -> None:
         """A request that cannot be served (malformed, too large, its body stalled): answer
@@ -1001,6 +1118,7 @@ def _is_websocket(offer: bytes) -> bool:
 
 _RESERVED = frozenset((*HEALTH_PATHS, METRICS_PATH))
 _PROBE_METHODS = ("GET", "HEAD")
+_ADMIN_ONLY = "The admin port serves GET /health, /health/ready, /health/live and /metrics only"
 
 
 class _Express:

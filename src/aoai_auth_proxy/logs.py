@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
 from mypy_extensions import mypyc_attr
 
 from .forwarding import redact_target
@@ -80,21 +79,6 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["error"] = self.formatException(record.exc_info)
         return json.dumps(entry, separators=(",", ":"))
-
-
-@mypyc_attr(native_class=False)  # see NOT_NATIVE
-class MalformedRequestFilter(logging.Filter):
-    """aiohttp logs each refused malformed request at ERROR with a traceback whose message
-    quotes the raw request line, which may carry an `api-key`; keep one line without it."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
-            record.msg = "refused a malformed request: %s (HTTP %s)"
-            record.args = (type(error).__name__, error.code)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
 
 
 class AccessLines:
@@ -224,21 +208,12 @@ def configure_logging(level: str, fmt: str = "text") -> None:
     access_logger = logging.getLogger(ACCESS_LOGGER)
     access_logger.handlers[:] = [access]
     access_logger.propagate = False
-    # aiohttp's own access log is replaced by AccessLogger. azure-core logs every token
-    # request's headers at INFO: our own token events say what matters, without them.
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    # azure-core logs every token request's headers at INFO: our own token events say what
+    # matters, without them.
     logging.getLogger("azure").setLevel(logging.WARNING)
     # azure-identity repeats every failed fetch as a multi-line WARNING with Entra's whole
     # body; the proxy's own line carries the AADSTS message.
     logging.getLogger("azure.identity").setLevel(logging.ERROR)
-    install_malformed_request_filter()
-
-
-def install_malformed_request_filter() -> None:
-    """On aiohttp's server logger, once per process (a ProxyServer does it when it starts)."""
-    server_log = logging.getLogger("aiohttp.server")
-    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
-        server_log.addFilter(MalformedRequestFilter())
 
 
 # nginx's code for "the client closed the connection before the response was complete".

@@ -7,7 +7,6 @@ import re
 import time
 from collections.abc import Callable, Iterator
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -188,13 +187,6 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The page /metrics serves, and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
-
-    async def handler(self, request: web.Request) -> web.Response:
-        """GET /metrics in Prometheus text format."""
-        return web.Response(
-            body=generate_latest(self.registry),
-            headers={"Content-Type": CONTENT_TYPE_LATEST},
-        )
 
 
 class _Tally:

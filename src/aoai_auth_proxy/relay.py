@@ -1,10 +1,10 @@
 """The streaming relay (the task way): sends a request upstream and streams the answer back.
 
 Two seams live here. `Upstream` is the outbound HTTP client (`upstream.PooledUpstream`);
-`Downstream` is the client's connection (`http1.py`'s, or aiohttp's after a WebSocket
-hand-over). `forward` wires the pure rules of `forwarding` between them. Behaviour is tested at
-the socket, so any side can be replaced without touching the tests. Requests whose body is
-whole usually skip this module: `http1._Express` relays them by callbacks, by the same rules.
+`Downstream` is the client's connection (`http1.py`'s). `forward` wires the pure rules of
+`forwarding` between them. Behaviour is tested at the socket, so any side can be replaced
+without touching the tests. Requests whose body is whole usually skip this module:
+`http1._Express` relays them by callbacks, by the same rules.
 """
 
 from __future__ import annotations
@@ -16,11 +16,9 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from aiohttp import web
-
 from .config import Settings
 from .credentials import TokenSource
-from .errors import BadGateway, ProxyError
+from .errors import ProxyError
 from .forwarding import (
     client_response_headers,
     method_problem,
@@ -29,7 +27,6 @@ from .forwarding import (
     upstream_url,
 )
 from .logs import UpstreamTiming
-from .middlewares import UPSTREAM_TIMING
 
 log = logging.getLogger(__name__)
 
@@ -146,46 +143,6 @@ async def forward(
     await exchange.__aexit__(None, None, None)
 
 
-async def relay(
-    request: web.Request, settings: Settings, token_source: TokenSource, upstream: Upstream
-) -> web.StreamResponse:
-    """`forward` for a request that aiohttp's server holds (after a WebSocket handover)."""
-    # latin-1 maps each byte to one character: the upstream client writes the same bytes back.
-    client_headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.raw_headers]
-    kept = await _replayable_body(request, settings.replay_max_bytes)
-    body: AsyncIterable[bytes] | bytes | None = kept
-    if kept is None and request.body_exists:
-        body = request.content.iter_any()  # as it arrives (iterating a StreamReader yields lines)
-    timing = request[UPSTREAM_TIMING] = UpstreamTiming()
-    downstream = _AiohttpDownstream(request)
-    await forward(
-        settings,
-        token_source,
-        upstream,
-        downstream,
-        method=request.method,
-        raw_target=request.raw_path,
-        headers=client_headers,
-        body=body,
-        timing=timing,
-    )
-    return downstream.response
-
-
-async def _replayable_body(request: web.Request, limit: int) -> bytes | None:
-    """The request body when it is small enough to keep for a replay (its Content-Length is
-    known and at most `limit`); None when it must stream instead, or there is none."""
-    length = request.content_length
-    if (
-        not request.body_exists
-        or length is None
-        or length > limit
-        or "chunked" in (request.headers.get("Transfer-Encoding", "").lower())
-    ):
-        return None
-    return await request.content.readexactly(length)
-
-
 async def _open(
     exchange: AbstractAsyncContextManager[UpstreamResponse], timing: UpstreamTiming
 ) -> UpstreamResponse:
@@ -224,42 +181,3 @@ async def _stream_back(
     except ConnectionError:
         timing.aborted = "client_gone"  # the client closed its side while we wrote
         downstream.abort()
-
-
-class _AiohttpDownstream:
-    def __init__(self, request: web.Request) -> None:
-        self._request = request
-        self.response = web.StreamResponse()
-
-    async def send_head(self, status: int, reason: str, headers: Sequence[tuple[str, str]]) -> None:
-        response = self.response
-        response.set_status(status, reason)
-        for name, value in headers:
-            # aiohttp writes str headers as UTF-8 (see header_text)
-            response.headers.add(
-                header_text(name.encode("latin-1")), header_text(value.encode("latin-1"))
-            )
-        try:
-            await response.prepare(self._request)
-        except ValueError as exc:
-            # aiohttp refuses to write a header with control characters (RFC 9110 5.5);
-            # nothing has been sent yet, so the client gets a clean 502.
-            raise BadGateway(
-                f"Upstream sent a header the proxy cannot relay: {exc}", kind="protocol"
-            ) from None
-
-    async def send(self, chunk: bytes) -> None:
-        await self.response.write(chunk)
-
-    def abort(self) -> None:
-        if self._request.transport is not None:
-            self._request.transport.abort()
-
-
-def header_text(raw: bytes) -> str:
-    """A header as aiohttp's writer needs it: it writes str values back as UTF-8, so UTF-8
-    bytes survive the round trip; other bytes are obsolete text (RFC 9110 5.5)."""
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")

@@ -14,29 +14,15 @@ import json
 import logging
 from typing import cast
 
-from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
-from aiohttp.web_protocol import RequestHandler
-from aiohttp.web_request import BaseRequest
-
-from .app import (
-    INBOUND_RULES,
-    LIFECYCLE,
-    METRICS,
-    TOKEN_SOURCE,
-    UPSTREAM,
-    create_admin_app,
-    create_app,
-)
+from .app import ProxyApp, create_app
 from .config import Settings
 from .errors import ERROR_TYPE
 from .http1 import Frontend
-from .logs import ACCESS_LOGGER, install_malformed_request_filter
-from .middlewares import AccessLogger
+from .logs import ACCESS_LOGGER
 
 log = logging.getLogger(__name__)
 
-# After our own drain, aiohttp's cleanup only closes what is already finished or cancelled.
+# What is still running once the grace period is over gets this long to end after being cut.
 _CLEANUP_TIMEOUT_SECONDS = 1.0
 _READY_POLL_SECONDS = 0.05
 # A refused connection gets this long to send its request head before the 503 goes out.
@@ -46,80 +32,67 @@ _REFUSE_READ_SECONDS = 1.0
 class ProxyServer:
     """The proxy listener and the optional admin listener: `await start()`, `await stop()`."""
 
-    def __init__(self, settings: Settings, app: web.Application | None = None) -> None:
+    def __init__(self, settings: Settings, app: ProxyApp | None = None) -> None:
         self.settings = settings
         self.app = app if app is not None else create_app(settings)
-        self._runner = web.AppRunner(
-            self.app,
-            handle_signals=False,
-            access_log_class=AccessLogger,
-            access_log=logging.getLogger(ACCESS_LOGGER),
-            # A client that goes away cancels its handler, and with it the upstream request.
-            handler_cancellation=True,
-            # aiohttp's keep-alive timer also bounds how long a client may take to send a
-            # request's headers (a slow-header client is closed), as client_header_timeout.
-            keepalive_timeout=settings.header_timeout,
-            shutdown_timeout=_CLEANUP_TIMEOUT_SECONDS,
-        )
-        self._admin: web.AppRunner | None = None
         self._listener: asyncio.Server | None = None
+        self._admin_listener: asyncio.Server | None = None
         self.frontend: Frontend | None = None
+        self._admin: Frontend | None = None
         self.url = ""
         self.admin_url = ""
 
     async def start(self) -> str:
         """Open resources and listen; returns the URL. OSError if an address cannot be bound."""
         settings = self.settings
-        install_malformed_request_filter()
-        await self._runner.setup()  # the app's resources: token source, upstream pool
+        await self.app.start()  # the token source and the upstream pool
         try:
             self._listener = await self._listen()
             self.url = _url(self._listener)
             if settings.admin_port is not None:
-                self._admin = web.AppRunner(create_admin_app(self.app), access_log=None)
-                await self._admin.setup()
-                await web.TCPSite(
-                    self._admin,
+                admin = self._admin = self._frontend(admin=True)
+                self._admin_listener = await asyncio.get_running_loop().create_server(
+                    admin.connection,
                     settings.admin_host,
                     settings.admin_port,
+                    reuse_address=True,
                     reuse_port=settings.workers > 1 or None,
-                ).start()
-                self.admin_url = _runner_url(self._admin)
+                )
+                self.admin_url = _url(self._admin_listener)
         except BaseException:
             await self._cleanup()
             raise
         return self.url
 
+    def _frontend(self, *, admin: bool = False) -> Frontend:
+        app = self.app
+        rules = app.inbound_rules
+        return Frontend(
+            self.settings,
+            token_source=app.token_source,
+            upstream=app.upstream,
+            lifecycle=app.lifecycle,
+            metrics=app.metrics,
+            keys=None if admin else rules.keys,
+            hosts=None if admin else rules.hosts,
+            upstream_ssl=app.upstream_ssl,
+            access_log=logging.getLogger(ACCESS_LOGGER),
+            admin=admin,
+        )
+
     async def _listen(self) -> asyncio.Server:
         """The proxy port: http1.py serves it; connections over PROXY_MAX_CONNECTIONS get
         an immediate 503, like Envoy's overload manager, so existing streams keep flowing
         and no client waits in an accept queue."""
-        app, settings = self.app, self.settings
+        settings = self.settings
         loop = asyncio.get_running_loop()
-        server = self._runner.server
-        assert server is not None
-        rules = app[INBOUND_RULES]
-
-        def hand_over() -> asyncio.Protocol:
-            # What web.Server.__call__ builds, with a handler class that answers 431.
-            return _RequestHandler(server, loop=loop, **server._kwargs)
-
-        frontend = self.frontend = Frontend(
-            settings,
-            token_source=app[TOKEN_SOURCE],
-            upstream=app[UPSTREAM],
-            lifecycle=app[LIFECYCLE],
-            metrics=app[METRICS],
-            keys=rules.keys,
-            hosts=rules.hosts,
-            hand_over=hand_over,
-            access_log=logging.getLogger(ACCESS_LOGGER),
-        )
+        frontend = self.frontend = self._frontend()
         limit = settings.max_connections
-        refused = app[METRICS].connections_refused
+        refused = self.app.metrics.connections_refused
 
         def factory() -> asyncio.BaseProtocol:
-            if len(frontend.connections) + len(server.connections) >= limit:
+            # WebSocket sessions count too: their connection stays in `connections`.
+            if len(frontend.connections) >= limit:
                 refused.inc()
                 return _Refuse(limit)
             return frontend.connection()
@@ -137,7 +110,7 @@ class ProxyServer:
 
     async def wait_ready(self, stop: asyncio.Event) -> bool:
         """Wait until the first token is held (True) or `stop` is set (False)."""
-        source = self.app[TOKEN_SOURCE]
+        source = self.app.token_source
         while not stop.is_set():
             if source.status().ready:
                 return True
@@ -150,7 +123,7 @@ class ProxyServer:
     async def stop(self) -> None:
         """Drain (see the module docstring) and release everything."""
         settings = self.settings
-        lifecycle = self.app[LIFECYCLE]
+        lifecycle = self.app.lifecycle
         lifecycle.draining = True
         if settings.shutdown_delay > 0:
             log.info("shutting down: readiness is 503, closing in %g s", settings.shutdown_delay)
@@ -159,8 +132,6 @@ class ProxyServer:
             self._listener.close()
         if self.frontend is not None:
             self.frontend.close_idle()  # idle keep-alive connections close now
-        if self._runner.server is not None:
-            self._runner.server.pre_shutdown()  # and those handed to aiohttp (WebSocket)
         if lifecycle.inflight:
             log.info(
                 "shutting down: %d request(s) in flight, waiting up to %g s",
@@ -178,43 +149,18 @@ class ProxyServer:
             self._listener.close()
         if self.frontend is not None:
             self.frontend.abort_all()
-        await self._runner.cleanup()
+        await self.app.close()
+        # Last: the admin port answers probes (503, draining) until everything else is done.
+        if self._admin_listener is not None:
+            self._admin_listener.close()
         if self._admin is not None:
-            await self._admin.cleanup()
+            self._admin.abort_all()
 
 
 def _url(listener: asyncio.Server) -> str:
     host, port = listener.sockets[0].getsockname()[:2]
-    return _shown(host, port)
-
-
-def _runner_url(runner: web.AppRunner) -> str:
-    host, port = runner.addresses[0][:2]
-    return _shown(host, port)
-
-
-def _shown(host: str, port: int) -> str:
     shown = "127.0.0.1" if host == "0.0.0.0" else host  # noqa: S104 - display only
     return f"http://{shown}:{port}"
-
-
-class _RequestHandler(RequestHandler):
-    """aiohttp's connection handler, answering oversized request headers with 431 (RFC 6585
-    5) instead of a generic 400, so clients can tell what to shrink."""
-
-    def handle_error(
-        self,
-        request: BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        too_large = isinstance(exc, LineTooLong) or (
-            isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)
-        )
-        if status == 400 and too_large:
-            status = 431
-        return super().handle_error(request, status, exc, message)
 
 
 class _Refuse(asyncio.Protocol):

@@ -644,7 +644,7 @@ def request_head(
     elif isinstance(body, bytes) and not sized:
         lines.append(f"Content-Length: {len(body)}\r\n")
     lines.append("\r\n")
-    # Header values are latin-1 text of the bytes the client sent (see relay.relay), so
+    # Header values are latin-1 text of the bytes the client sent (see http1._text), so
     # this restores those bytes exactly.
     return "".join(lines).encode("latin-1"), chunked
 

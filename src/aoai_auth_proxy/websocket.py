@@ -1,9 +1,12 @@
 """WebSocket pass-through (Realtime API): the Entra token on the handshake, frames both ways.
 
-The client side is aiohttp's server; the upstream side is the `websockets` client, which hands
-back a refused handshake's status and body (aiohttp's client discards the body), so the client
-sees exactly what the upstream answered. Control frames are per hop: each side answers its own
-peer's pings. A close, with its code and reason, is passed on to the other side.
+The upstream side is the `websockets` asyncio client, which hands back a refused handshake's
+status and body, so the client sees exactly what the upstream answered. The client side is
+websockets' sans-I/O server protocol driven by `ClientSide`, put on the client's socket by
+`http1.py` once the 101 is out: llhttp parsed the handshake there; `ServerProtocol.accept`
+checks it (RFC 6455 4.2.1) and makes the 101. Control frames are per hop: each side answers
+its own peer's pings. A close, with its code and reason, is passed on to the other side before
+it is answered, so a client whose close handshake is done knows the upstream session is over.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 from urllib.parse import urlsplit
-
-from aiohttp import WSMsgType, web
 
 from .config import Settings
 from .credentials import TokenSource
@@ -23,20 +26,19 @@ from .egress import REFUSED_407, egress_proxy
 from .errors import BadGateway, BadRequest, GatewayTimeout
 from .forwarding import (
     client_response_headers,
-    connection_tokens,
     upstream_request_headers,
     upstream_url,
 )
 from .logs import SessionStats
-from .middlewares import SESSION_STATS
 
 if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
     from websockets.exceptions import InvalidStatus
+    from websockets.server import ServerProtocol
 
 log = logging.getLogger(__name__)
-# The websockets client is imported by the first session, not at start-up: 0.65 MB of an idle
-# proxy's memory (issue 8) that most deployments, which never open a session, do not need.
+# websockets is imported by the first session, not at start-up: 0.65 MB of an idle proxy's
+# memory (issue 8) that most deployments, which never open a session, do not need.
 
 # The Realtime API sends audio in frames of tens of kilobytes; allow generous single messages.
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024
@@ -56,81 +58,321 @@ _GENERATED_BY_CLIENT = frozenset(
         "host",
     }
 )
+# How long a client gets to end its TCP connection once the close handshake is done.
+_CLOSE_TIMEOUT_SECONDS = 5.0
+# Whole messages from the client not yet taken by the upstream before the client's socket is
+# paused (websockets' own max_queue default), and when it resumes.
+_QUEUE_HIGH, _QUEUE_LOW = 16, 4
+# After the proxy failed a session, how long the client must send nothing before TCP ends.
+_LINGER_QUIET_SECONDS = 0.5
 
 
-def is_websocket_upgrade(request: web.BaseRequest) -> bool:
-    """RFC 6455 4.1: `Upgrade: websocket` with `Connection: upgrade`."""
-    return request.headers.get("Upgrade", "").lower() == "websocket" and (
-        "upgrade" in connection_tokens(request.headers.items())
-    )
+@dataclass(frozen=True)
+class Refusal:
+    """The upstream's own answer to the upgrade (401, 403, 404...), to go back as sent."""
+
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes = field(repr=False)
 
 
-def forwarded_subprotocols(request: web.BaseRequest) -> list[str]:
+@dataclass(frozen=True)
+class Accepted:
+    """An upstream session is open; `answer` (the 101) goes to the client, then `relay`."""
+
+    upstream: ClientConnection
+    answer: bytes
+
+
+def forwarded_subprotocols(headers: Sequence[tuple[str, str]]) -> list[str]:
     """The client's offered subprotocols, minus any that carry a key."""
     offered = [
         p.strip()
-        for value in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for name, value in headers
+        if name.lower() == "sec-websocket-protocol"
         for p in value.split(",")
         if p.strip()
     ]
     return [p for p in offered if not p.lower().startswith(INSECURE_KEY_SUBPROTOCOL)]
 
 
-async def relay_websocket(
-    request: web.Request,
+def _answer_to(
+    target: str, headers: Sequence[tuple[str, str]], subprotocol: str | None
+) -> tuple[bytes | None, str]:
+    """websockets' answer to the client's handshake: (the 101's bytes, "") when it is valid
+    (RFC 6455 4.2.1), else (None, why not)."""
+    from websockets.datastructures import Headers
+    from websockets.http11 import Request
+    from websockets.server import ServerProtocol
+    from websockets.typing import Subprotocol
+
+    protocol = ServerProtocol(
+        subprotocols=[Subprotocol(subprotocol)] if subprotocol else None,
+        extensions=None,  # frames pass as they are: no compression to negotiate
+        max_size=MAX_MESSAGE_BYTES,
+    )
+    response = protocol.accept(Request(target, Headers(list(headers))))
+    if response.status_code != 101:
+        return None, str(protocol.handshake_exc or response.reason_phrase)
+    return response.serialize(), ""
+
+
+async def open_session(
     settings: Settings,
     token_source: TokenSource,
     ssl_context: ssl.SSLContext,
-) -> web.StreamResponse:
-    """Open the upstream session first (a refusal goes back as plain HTTP), then relay."""
+    *,
+    method: str,
+    target: str,
+    version: tuple[int, int],
+    headers: Sequence[tuple[str, str]],
+) -> Refusal | Accepted:
+    """Check the client's handshake, then open the upstream session (a refusal goes back to
+    the client as plain HTTP)."""
     # RFC 6455 4.2.1: a GET over HTTP/1.1 with a valid key and version 13. Checked before the
     # upstream is contacted, so an invalid handshake never opens a session with the token.
-    if (
-        request.method != "GET"
-        or request.version < (1, 1)
-        or not web.WebSocketResponse().can_prepare(request).ok
-    ):
-        raise BadRequest("Invalid WebSocket handshake")
-    url = upstream_url(settings.api_base_url, request.raw_path)
+    answer, why = _answer_to(target, headers, None)
+    if method != "GET" or version < (1, 1) or answer is None:
+        detail = f": {why}" if why else ""
+        raise BadRequest(f"Invalid WebSocket handshake{detail}")
+    url = upstream_url(settings.api_base_url, target)
     url = "ws" + url.removeprefix("http")  # http -> ws, https -> wss
-    protocols = forwarded_subprotocols(request)
+    protocols = forwarded_subprotocols(headers)
     from websockets.exceptions import InvalidStatus  # see above, at `log`
 
     token = await token_source.token()
     try:
-        upstream = await _connect(request, settings, url, token, protocols, ssl_context)
+        upstream = await _connect(headers, settings, url, token, protocols, ssl_context)
     except InvalidStatus as exc:
         if exc.response.status_code != 401 or not await token_source.renew(token):
             return _refusal(exc)
         try:  # Azure refused a token we believed valid: one renewal, one retry, as for HTTP
             upstream = await _connect(
-                request, settings, url, await token_source.token(), protocols, ssl_context
+                headers, settings, url, await token_source.token(), protocols, ssl_context
             )
         except InvalidStatus as again:
             return _refusal(again)
-    stats = request[SESSION_STATS] = SessionStats()
-    client = web.WebSocketResponse(
-        protocols=(upstream.subprotocol,) if upstream.subprotocol else (),
-        autoclose=False,  # a close is passed on before it is answered
-        autoping=True,
-        max_msg_size=MAX_MESSAGE_BYTES,
-        compress=False,  # frames pass as they are; no CPU on recompression
-    )
+    answer, why = _answer_to(target, headers, upstream.subprotocol)
+    if answer is None:  # the upstream chose a subprotocol the client did not offer
+        await _close_quietly(upstream, None, GOING_AWAY, "")
+        raise BadGateway(f"Upstream WebSocket handshake cannot be relayed: {why}")
+    return Accepted(upstream, answer)
+
+
+async def relay(
+    accepted: Accepted, transport: asyncio.Transport, early: bytes, stats: SessionStats
+) -> None:
+    """Relay messages between the client on `transport` (its 101 sent, reading paused;
+    `early`: bytes it sent after its handshake) and the upstream, until either side closes."""
+    upstream = accepted.upstream
+    client = ClientSide()
+    transport.set_protocol(client)
+    client.connection_made(transport)
     try:
-        await client.prepare(request)
+        if early:
+            client.data_received(early)
+        transport.resume_reading()
         await _relay_frames(client, upstream, stats)
     except asyncio.CancelledError:
-        # The client vanished (its handler is cancelled) or shutdown's grace period is over.
+        # Shutdown's grace period is over.
         stats.close_code = GOING_AWAY
         await _close_quietly(upstream, client, GOING_AWAY, "proxy going away")
         raise
     finally:
         await _close_quietly(upstream, None, GOING_AWAY, "")
-    return client
+        transport.abort()  # a no-op once closed; else the client had its time
+
+
+class ClientSide(asyncio.Protocol):
+    """The client's end of a session: websockets' sans-I/O ServerProtocol on the socket.
+
+    Whole messages arrive in `messages` (None once the
+    client closed, failed or vanished); pings are answered as they come. A close from the
+    client is answered only when `close()` is called, once the upstream has closed: the
+    protocol queues its answer at once, and its bytes are held back until then."""
+
+    def __init__(self) -> None:
+        from websockets.protocol import OPEN
+        from websockets.server import ServerProtocol
+
+        loop = asyncio.get_running_loop()
+        self.protocol: ServerProtocol = ServerProtocol(state=OPEN, max_size=MAX_MESSAGE_BYTES)
+        self.messages: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self._transport: asyncio.Transport | None = None
+        self._fragments: list[bytes | bytearray | memoryview] = []
+        self._text = False
+        self._ended = False  # None is in `messages`
+        self._answering = False  # a close from the client may be answered now
+        self._paused = False  # reading, for a queue the upstream has not taken
+        self._can_write: asyncio.Future[None] | None = None
+        self._lingering: asyncio.TimerHandle | None = None
+        self.lost: asyncio.Future[None] = loop.create_future()
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.Transport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._linger()  # not quiet yet
+        self.protocol.receive_data(data)
+        self._take(self.protocol.events_received())
+        self._send()
+
+    def eof_received(self) -> bool:
+        self.protocol.receive_eof()
+        self._end()
+        self._send()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+        self.protocol.receive_eof()  # idempotent; the protocol is CLOSED now
+        self._end()
+        if not self.lost.done():
+            self.lost.set_result(None)
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    def pause_writing(self) -> None:
+        if self._can_write is None or self._can_write.done():
+            self._can_write = asyncio.get_running_loop().create_future()
+
+    def resume_writing(self) -> None:
+        if self._can_write is not None and not self._can_write.done():
+            self._can_write.set_result(None)
+
+    # -- the relay's side ---------------------------------------------------------------
+
+    async def receive(self) -> str | bytes | None:
+        """The next whole message from the client; None once it has closed or gone."""
+        message = await self.messages.get()
+        if self._paused and self.messages.qsize() <= _QUEUE_LOW and self._transport:
+            self._paused = False
+            self._transport.resume_reading()
+        return message
+
+    async def send(self, message: str | bytes) -> None:
+        """Send one message; ConnectionError once the client's side is closed."""
+        from websockets.exceptions import InvalidState
+        from websockets.protocol import OPEN
+
+        if self.protocol.state is not OPEN or self.lost.done():
+            raise ConnectionResetError("the client's side of the session is closed")
+        try:
+            if isinstance(message, str):
+                self.protocol.send_text(message.encode())
+            else:
+                self.protocol.send_binary(message)
+        except InvalidState:
+            raise ConnectionResetError("the client's side of the session is closed") from None
+        self._send()
+        if self._can_write is not None and not self._can_write.done():
+            await self._can_write
+
+    @property
+    def close_code(self) -> int:
+        """The code of the client's close frame; 1006 if it sent none (RFC 6455 7.1.5)."""
+        received = self.protocol.close_rcvd
+        return received.code if received is not None else _ABNORMAL
+
+    @property
+    def close_reason(self) -> str:
+        received = self.protocol.close_rcvd
+        return received.reason if received is not None else ""
+
+    async def close(self, code: int, reason: str) -> None:
+        """Close with `code` (or answer the client's own close) and wait, for a while, for
+        the client to end the connection."""
+        from websockets.protocol import OPEN
+
+        self._answering = True
+        if self.protocol.state is OPEN:
+            self.protocol.send_close(code, reason)
+        self._send()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self.lost), _CLOSE_TIMEOUT_SECONDS)
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _take(self, events: Sequence[object]) -> None:
+        from websockets.frames import Frame, Opcode
+        from websockets.protocol import OPEN
+
+        for event in events:
+            assert isinstance(event, Frame)
+            if event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
+                self._text = event.opcode is Opcode.TEXT
+                self._fragments = [event.data]
+            elif event.opcode is Opcode.CONT:
+                self._fragments.append(event.data)
+            else:
+                continue  # a ping (answered by the protocol), a pong, or the close
+            if event.fin:
+                self._message(b"".join(self._fragments))
+                self._fragments = []
+        if self.protocol.state is not OPEN:
+            self._end()  # the client closed, or broke the protocol (failed: 1002, 1009...)
+
+    def _message(self, data: bytes) -> None:
+        message: str | bytes = data
+        if self._text:
+            try:
+                message = data.decode()
+            except UnicodeDecodeError:
+                self.protocol.fail(1007, "invalid UTF-8 in a text message")  # RFC 6455 8.1
+                return
+        self.messages.put_nowait(message)
+        if not self._paused and self.messages.qsize() >= _QUEUE_HIGH and self._transport:
+            self._paused = True
+            self._transport.pause_reading()
+
+    def _end(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self.messages.put_nowait(None)
+
+    def _linger(self) -> None:
+        if self._lingering is not None:
+            self._lingering.cancel()
+        loop = asyncio.get_running_loop()
+        self._lingering = loop.call_later(_LINGER_QUIET_SECONDS, self._end_tcp)
+
+    def _end_tcp(self) -> None:
+        self._lingering = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            if transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+
+    def _send(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if self.protocol.close_rcvd is not None and not self._answering:
+            return  # the answer to the client's close waits for the upstream's (see class)
+        for data in self.protocol.data_to_send():
+            if data:
+                transport.write(data)
+            elif self.protocol.close_rcvd is None:
+                # The proxy failed the connection (1009, 1007...; websockets then reads no
+                # more frames): the client may still be sending a large message, and then
+                # its close. Ending TCP now cuts it off mid-send, so the end waits until it
+                # has been quiet for a moment, as nginx's lingering close does.
+                self._linger()
+            elif transport.can_write_eof():
+                transport.write_eof()  # RFC 6455 7.1.1: the server ends TCP first
+            else:
+                transport.close()
 
 
 async def _connect(
-    request: web.Request,
+    client_headers: Sequence[tuple[str, str]],
     settings: Settings,
     url: str,
     token: str,
@@ -163,7 +405,7 @@ async def _connect(
     headers = [
         (name, value)
         for name, value in upstream_request_headers(
-            list(request.headers.items()), token=token, host=settings.upstream_host
+            client_headers, token=token, host=settings.upstream_host
         )
         if name.lower() not in _GENERATED_BY_CLIENT
     ]
@@ -209,21 +451,18 @@ async def _connect(
         raise BadGateway(f"Upstream WebSocket handshake failed: {exc}", kind="protocol") from exc
 
 
-def _refusal(exc: InvalidStatus) -> web.Response:
-    """The upstream's own answer to the upgrade (401, 403, 404...), status and body as sent."""
+def _refusal(exc: InvalidStatus) -> Refusal:
     response = exc.response
-    headers = client_response_headers(list(response.headers.raw_items()))
-    refusal = web.Response(
-        status=response.status_code, reason=response.reason_phrase, body=response.body
-    )
-    for name, value in headers:
-        if name.lower() != "content-length":
-            refusal.headers.add(name, value)
-    return refusal
+    headers = [
+        (name, value)
+        for name, value in client_response_headers(list(response.headers.raw_items()))
+        if name.lower() != "content-length"  # http1 frames the body it sends
+    ]
+    return Refusal(response.status_code, response.reason_phrase, headers, bytes(response.body))
 
 
 async def _relay_frames(
-    client: web.WebSocketResponse, upstream: ClientConnection, stats: SessionStats
+    client: ClientSide, upstream: ClientConnection, stats: SessionStats
 ) -> None:
     inbound = asyncio.create_task(_client_to_upstream(client, upstream, stats))
     outbound = asyncio.create_task(_upstream_to_client(upstream, client, stats))
@@ -234,43 +473,38 @@ async def _relay_frames(
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(inbound, outbound, return_exceptions=True)
-    if inbound in done and not inbound.cancelled() and inbound.exception() is None:
-        code, reason = inbound.result()  # the client closed: tell the upstream, then answer
+    if inbound in done and upstream.close_code is None:
+        # The client closed or vanished: tell the upstream, then answer the client. (The
+        # inbound side also ends when the upstream cannot take a message: it has closed.)
+        code = client.close_code
         stats.close_code = code
-        await upstream.close(_sendable(code, GOING_AWAY), reason)
-        await client.close(code=_sendable(code, GOING_AWAY), message=reason.encode())
+        await upstream.close(_sendable(code, GOING_AWAY), client.close_reason)
+        await client.close(_sendable(code, GOING_AWAY), client.close_reason)
     else:
         code = upstream.close_code if upstream.close_code is not None else _ABNORMAL
         stats.close_code = code
-        said = (upstream.close_reason or "").encode()
-        await client.close(code=_sendable(code, BAD_GATEWAY), message=said)
+        await client.close(_sendable(code, BAD_GATEWAY), upstream.close_reason or "")
 
 
 async def _client_to_upstream(
-    client: web.WebSocketResponse, upstream: ClientConnection, stats: SessionStats
-) -> tuple[int, str]:
-    while True:
-        message = await client.receive()
-        if message.type is WSMsgType.TEXT or message.type is WSMsgType.BINARY:
-            await upstream.send(message.data)
-        elif message.type is WSMsgType.CLOSE:
-            return int(message.data), str(message.extra or "")
-        else:  # CLOSING, CLOSED, ERROR: the client is gone
-            return _ABNORMAL, ""
-        stats.frames_in += 1
-
-
-async def _upstream_to_client(
-    upstream: ClientConnection, client: web.WebSocketResponse, stats: SessionStats
+    client: ClientSide, upstream: ClientConnection, stats: SessionStats
 ) -> None:
     from websockets.exceptions import ConnectionClosed  # see above, at `log`
 
     with contextlib.suppress(ConnectionClosed):
+        while (message := await client.receive()) is not None:
+            await upstream.send(message)
+            stats.frames_in += 1
+
+
+async def _upstream_to_client(
+    upstream: ClientConnection, client: ClientSide, stats: SessionStats
+) -> None:
+    from websockets.exceptions import ConnectionClosed  # see above, at `log`
+
+    with contextlib.suppress(ConnectionClosed, ConnectionError):
         async for message in upstream:
-            if isinstance(message, str):
-                await client.send_str(message)
-            else:
-                await client.send_bytes(message)
+            await client.send(message)
             stats.frames_out += 1
 
 
@@ -285,10 +519,10 @@ def _sendable(code: int, vanished: int) -> int:
 
 
 async def _close_quietly(
-    upstream: ClientConnection, client: web.WebSocketResponse | None, code: int, reason: str
+    upstream: ClientConnection, client: ClientSide | None, code: int, reason: str
 ) -> None:
     with contextlib.suppress(Exception):
         await asyncio.wait_for(upstream.close(code, reason), 2)
     if client is not None:
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(client.close(code=code, message=reason.encode()), 2)
+            await asyncio.wait_for(client.close(code, reason), 2)

@@ -72,6 +72,32 @@ async def test_admin_listener_serves_probes_and_metrics_but_never_forwards(
     assert aoai.requests == []
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", CHAT), ("GET", "/openai/models"), ("POST", "/health"), ("GET", "/")],
+)
+async def test_the_admin_port_answers_anything_else_404_json_and_logs_no_access_line(
+    make_proxy: ProxyFactory,
+    aoai: AzureOpenAIStandIn,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+    path: str,
+) -> None:
+    proxy = await make_proxy(PROXY_ADMIN_PORT="0", PROXY_ADMIN_HOST="127.0.0.1")
+    with caplog.at_level("INFO", logger="aoai_auth_proxy.access"):
+        async with aiohttp.ClientSession() as session:
+            url = proxy.server.admin_url
+            async with session.request(method, url + path, json=MESSAGES) as response:
+                assert response.status == 404
+                body = await response.json()
+            async with session.get(url + "/health/live") as response:
+                assert response.status == 200
+    assert body["error"]["code"] == "not_found"
+    assert "/metrics" in body["error"]["message"]
+    assert aoai.requests == []
+    assert [r for r in caplog.records if r.name == "aoai_auth_proxy.access"] == []
+
+
 async def test_metrics_after_known_traffic(
     make_proxy: ProxyFactory, client_certificate: ClientCertificate
 ) -> None:

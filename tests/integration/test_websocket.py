@@ -140,6 +140,31 @@ async def test_a_frame_sent_with_the_handshake_is_relayed(proxy: RunningProxy) -
     assert echoed == b"\x81\x05early"  # FIN + text, unmasked, 5 bytes (RFC 6455 5.2)
 
 
+async def test_a_fragmented_message_reaches_the_upstream_as_one_message(
+    proxy: RunningProxy,
+) -> None:
+    async with open_session(proxy) as ws:
+        await ws.send(["frag", "mented"])  # a text message in two frames (RFC 6455 5.4)
+        await ws.send([b"\x00", b"\x01\x02"])
+        await ws.send("after")
+        # the upstream echoes each message it got: one per message, not per frame
+        assert [await ws.recv() for _ in range(3)] == ["fragmented", b"\x00\x01\x02", "after"]
+
+
+async def test_text_that_is_not_utf8_closes_the_session_with_1007_and_is_not_relayed(
+    proxy: RunningProxy, seen: Upstream
+) -> None:
+    async with open_session(proxy) as ws:
+        await ws.send("fine")
+        assert await ws.recv() == "fine"
+        await ws.send(b"\xff\xfe", text=True)
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 5)
+    assert closed.value.rcvd is not None
+    assert closed.value.rcvd.code == 1007  # invalid frame payload data (RFC 6455 7.4.1)
+    await asyncio.wait_for(seen.closed.wait(), 2)  # the upstream session ended with it
+
+
 async def test_a_close_from_the_client_reaches_the_upstream_with_its_code(
     proxy: RunningProxy, seen: Upstream
 ) -> None:

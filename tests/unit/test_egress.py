@@ -1,4 +1,4 @@
-"""Which egress proxy carries a connection: the variables as urllib and aiohttp read them."""
+"""Which egress proxy carries a connection: the variables as urllib reads them."""
 
 from __future__ import annotations
 
@@ -108,7 +108,7 @@ def test_the_variable_used_is_urllibs(
     environ: dict[str, str], expected: tuple[str, str] | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert setting(environ, "https") == expected
-    # the same choice urllib (so aiohttp's trust_env, the token path) makes
+    # the same choice urllib makes
     for name in (
         "HTTPS_PROXY",
         "https_proxy",

@@ -16,6 +16,7 @@ SERVING = ("aoai_auth_proxy.cli", "aoai_auth_proxy.server", "aoai_auth_proxy.app
         "websockets",  # the first WebSocket session imports it (0.65 MB)
         "jwt",  # subject-name/issuer sign-in imports it (0.4 MB)
         "aoai_auth_proxy.testing",  # the stand-ins: `demo` and the tests only
+        "aiohttp",  # the stand-ins' server; the proxy has its own HTTP/1.1 (10 MB, issue 8)
     ],
 )
 def test_start_up_does_not_import(module: str) -> None:
