@@ -64,6 +64,7 @@ BOTH_LOOPS = frozenset(
         "test_hostile",
         "test_faults",
         "test_websocket",
+        "test_websocket_edges",
         "test_egress",
     }
 )

@@ -1,14 +1,15 @@
 """Which egress proxy (HTTPS_PROXY/HTTP_PROXY, less NO_PROXY) carries a connection to an origin.
 
 The variables are read by urllib's rules, for the upstream, the token endpoint (`tokenhttp`)
-and WebSocket sessions alike: a lowercase variable wins over its uppercase twin, and an empty lowercase one means no
-proxy; NO_PROXY is matched per host (`urllib.request.proxy_bypass_environment`); ALL_PROXY is
-not used. `load_settings` checks the very values used here, so a proxy URL that passed start-up
-never fails later. A proxy is reached over plain HTTP (`http://[user:password@]host[:port]`):
-an HTTPS origin goes through it in a CONNECT tunnel (RFC 9110 9.3.6) with TLS to the origin
-inside, end to end; an HTTP origin is asked for in absolute form (RFC 9112 3.2.2). Credentials
-in the URL become `Proxy-Authorization: Basic` (RFC 7617) and never appear in a message: a
-proxy is named by host and port, a bad URL with its credentials replaced.
+and WebSocket sessions alike: a lowercase variable wins over its uppercase twin, and an empty
+lowercase one means no proxy; NO_PROXY is matched per host
+(`urllib.request.proxy_bypass_environment`); ALL_PROXY is not used. `load_settings` checks the
+very values used here, so a proxy URL that passed start-up never fails later. A proxy is
+reached over plain HTTP (`http://[user:password@]host[:port]`): an HTTPS origin goes through it
+in a CONNECT tunnel (RFC 9110 9.3.6) with TLS to the origin inside, end to end; an HTTP origin
+is asked for in absolute form (RFC 9112 3.2.2). Credentials in the URL become
+`Proxy-Authorization: Basic` (RFC 7617) and never appear in a message: a proxy is named by
+host and port, a bad URL with its credentials replaced.
 """
 
 from __future__ import annotations

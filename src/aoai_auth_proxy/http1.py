@@ -48,6 +48,7 @@ from .errors import (
     HeadersTooLarge,
     MethodNotImplemented,
     NotFound,
+    NotReady,
     ProxyError,
     RequestTimeout,
     UriTooLong,
@@ -503,6 +504,10 @@ class ClientConnection(ReadsIntoBuffer):
             raise _Refused(MethodNotImplemented("The proxy does not forward CONNECT requests"))
         if request.upgrade:
             offer = request.upgrade_offer
+            if request.chunked or request.content_length:
+                # llhttp reads a body before it stops at the upgrade; a handshake has none
+                # (RFC 6455 4.1), and what follows a refused one must be the next request.
+                raise _Refused(BadRequest("A WebSocket handshake cannot carry a body"))
             if offer is not None and not _is_websocket(offer):
                 # h2c and other upgrades through a proxy are a known smuggling path; what
                 # follows such a head is not HTTP/1.1 the proxy can read, so the connection
@@ -741,7 +746,8 @@ class ClientConnection(ReadsIntoBuffer):
         frontend = self._frontend
         task = asyncio.current_task()
         assert task is not None
-        frontend.lifecycle.enter(task)
+        if not frontend.admin:  # a probe or a scrape is not a request to drain
+            frontend.lifecycle.enter(task)
         started = time.monotonic()
         response = _Response(self, request)
         path = request.target.partition(b"?")[0].decode("latin-1")
@@ -795,7 +801,8 @@ class ClientConnection(ReadsIntoBuffer):
                     seconds=seconds,
                     upstream=response.timing,
                 )
-            frontend.lifecycle.leave(task)
+            if not frontend.admin:
+                frontend.lifecycle.leave(task)
         if response.keep_alive and not self.lost:
             self._next()
         elif not self.lost and self._transport is not None:
@@ -882,7 +889,8 @@ class ClientConnection(ReadsIntoBuffer):
         frontend.lifecycle.enter(task)
         started = time.monotonic()
         # Not upgraded after all (refused, or an error): the connection goes on as HTTP/1.1.
-        # Its head was all of the request (llhttp stops there: what follows is `early`).
+        # Its head was all of the request (one with a body is refused in on_headers_complete;
+        # llhttp stops after the head: what follows is `early`).
         request.body.finish()
         response = _Response(self, request)
         target = _text(request.target)
@@ -906,6 +914,9 @@ class ClientConnection(ReadsIntoBuffer):
                 status = response.status
             elif frontend.admin:
                 raise NotFound(_ADMIN_ONLY)
+            elif frontend.closing:
+                # A session opened now would be cut at the end of the grace period.
+                raise NotReady("The proxy is shutting down: open the session again")
             else:
                 outcome = await open_session(
                     frontend.settings,
@@ -924,10 +935,21 @@ class ClientConnection(ReadsIntoBuffer):
                     status = outcome.status
                 else:
                     stats = SessionStats()
-                    response.started = True
-                    response.write_now(outcome.answer)
-                    status = response.status = 101
-                    await relay(outcome, self._take_over(), early, stats)
+                    try:
+                        response.started = True
+                        response.write_now(outcome.answer)  # ConnectionError: client gone
+                        status = response.status = 101
+                        transport = self._take_over()
+                    except BaseException:
+                        await outcome.abandon()
+                        raise
+                    await relay(
+                        outcome,
+                        transport,
+                        early,
+                        stats,
+                        send_timeout=frontend.settings.header_timeout,
+                    )
         except ProxyError as exc:
             status = exc.status
             if not frontend.admin:
@@ -938,6 +960,8 @@ class ClientConnection(ReadsIntoBuffer):
             if stats is None:  # a session keeps its 101; relay() closed it with 1001
                 status = CLIENT_CLOSED_REQUEST
                 response.abort()
+        except ConnectionError:
+            status = CLIENT_CLOSED_REQUEST  # it left while the upstream was answering
         except Exception:
             log.exception("%s %s failed", request.method, redact_target(target))
             if not response.started and not self.lost:

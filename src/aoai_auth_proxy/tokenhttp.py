@@ -10,9 +10,11 @@ proxy comes from its URL only, as for the upstream.
 
 What azure-core expects of a transport, and this one does: the request as given (no
 redirects followed, no body re-encoded, no Accept-Encoding added, so no decompression);
-`ServiceRequestError` when the request could not be sent (azure-core's retry policy sends
-it again), `ServiceResponseError` when the answer broke off; the answer read whole before
-`send` returns (a token answer is a few KB; MAX_ANSWER_BYTES bounds a wrong one).
+`ServiceRequestError` when the request could not be sent, `ServiceResponseError` when the
+answer broke off (azure-core's retry policy sends again only what it may: IMDS's GETs, never
+a token POST); the answer read whole before `send` returns (a token answer is a few KB;
+MAX_ANSWER_BYTES bounds a wrong one). TLS is always verified: a credential that asks for it
+off (`connection_verify=False`, Service Fabric's managed identity) is refused, by name.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ _NOT_SENT = frozenset({"connect", "tls"})
 
 
 class PoolTransport(AsyncHttpTransport[HttpRequest, AsyncHttpResponse]):
-    """azure-core's AsyncHttpTransport on a PooledUpstream of its own (its errors say
-    "Entra ID"); closing the transport closes the pool's connections."""
+    """azure-core's AsyncHttpTransport on a PooledUpstream of its own (`signin` names it
+    "token endpoint" in errors); closing the transport closes the pool's connections."""
 
     def __init__(self, pool: PooledUpstream) -> None:
         self._pool = pool
@@ -63,9 +65,14 @@ class PoolTransport(AsyncHttpTransport[HttpRequest, AsyncHttpResponse]):
         await self._pool.close()
 
     async def send(self, request: HttpRequest, **kwargs: Any) -> AsyncHttpResponse:
-        """Send `request` and read its answer whole. The pool's timeouts apply; azure-core's
-        per-request `connection_timeout`/`read_timeout` are not used (no caller sets them:
-        the fetch as a whole is bounded by PROXY_TOKEN_TIMEOUT)."""
+        """Send `request` and read its answer whole. The pool's timeouts apply
+        (PROXY_CONNECT_TIMEOUT, then PROXY_TOKEN_TIMEOUT, which bounds the fetch as a whole),
+        not a credential's own `connection_timeout`/`read_timeout`."""
+        if kwargs.get("connection_verify") is False:
+            raise ServiceRequestError(
+                "the credential asked for TLS to the token endpoint without verification, "
+                "which the proxy never does (a Service Fabric managed identity is not supported)"
+            )
         origin, _ = split_url(request.url)
         headers = [("Host", origin.partition("://")[2])]
         headers.extend((k, v) for k, v in request.headers.items() if k.lower() != "host")

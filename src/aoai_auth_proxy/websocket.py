@@ -60,9 +60,11 @@ _GENERATED_BY_CLIENT = frozenset(
 )
 # How long a client gets to end its TCP connection once the close handshake is done.
 _CLOSE_TIMEOUT_SECONDS = 5.0
-# Whole messages from the client not yet taken by the upstream before the client's socket is
-# paused (websockets' own max_queue default), and when it resumes.
-_QUEUE_HIGH, _QUEUE_LOW = 16, 4
+# Bytes of whole messages from the client not yet taken by the upstream before the client's
+# socket is paused, and when it resumes (aiohttp's server, before, paused at 128 KiB). One
+# message may be larger: websockets reads a frame whole, up to MAX_MESSAGE_BYTES.
+QUEUE_HIGH_BYTES = 256 * 1024
+QUEUE_LOW_BYTES = 64 * 1024
 # After the proxy failed a session, how long the client must send nothing before TCP ends.
 _LINGER_QUIET_SECONDS = 0.5
 
@@ -83,6 +85,10 @@ class Accepted:
 
     upstream: ClientConnection
     answer: bytes
+
+    async def abandon(self) -> None:
+        """Close the upstream session: the client is gone before its 101 went out."""
+        await _close_quietly(self.upstream, None, GOING_AWAY, "")
 
 
 def forwarded_subprotocols(headers: Sequence[tuple[str, str]]) -> list[str]:
@@ -161,18 +167,24 @@ async def open_session(
 
 
 async def relay(
-    accepted: Accepted, transport: asyncio.Transport, early: bytes, stats: SessionStats
+    accepted: Accepted,
+    transport: asyncio.Transport,
+    early: bytes,
+    stats: SessionStats,
+    *,
+    send_timeout: float,
 ) -> None:
     """Relay messages between the client on `transport` (its 101 sent, reading paused;
-    `early`: bytes it sent after its handshake) and the upstream, until either side closes."""
+    `early`: bytes it sent after its handshake) and the upstream, until either side closes.
+    A client that takes nothing for `send_timeout` seconds is cut off (nginx's send_timeout)."""
     upstream = accepted.upstream
-    client = ClientSide()
+    client = ClientSide(send_timeout)
     transport.set_protocol(client)
     client.connection_made(transport)
     try:
         if early:
             client.data_received(early)
-        transport.resume_reading()
+        client.start_reading()
         await _relay_frames(client, upstream, stats)
     except asyncio.CancelledError:
         # Shutdown's grace period is over.
@@ -187,24 +199,28 @@ async def relay(
 class ClientSide(asyncio.Protocol):
     """The client's end of a session: websockets' sans-I/O ServerProtocol on the socket.
 
-    Whole messages arrive in `messages` (None once the
-    client closed, failed or vanished); pings are answered as they come. A close from the
-    client is answered only when `close()` is called, once the upstream has closed: the
-    protocol queues its answer at once, and its bytes are held back until then."""
+    Whole messages arrive in `messages` (None once the client closed, failed or vanished);
+    pings are answered as they come. A close from the client is answered only when `close()`
+    is called, once the upstream has closed: the protocol queues its answer at once, and its
+    bytes are held back until then. What the upstream has not taken yet is bounded in bytes:
+    past QUEUE_HIGH_BYTES the client's socket is paused (TCP then pushes back on it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, send_timeout: float) -> None:
         from websockets.protocol import OPEN
         from websockets.server import ServerProtocol
 
         loop = asyncio.get_running_loop()
         self.protocol: ServerProtocol = ServerProtocol(state=OPEN, max_size=MAX_MESSAGE_BYTES)
         self.messages: asyncio.Queue[str | bytes | None] = asyncio.Queue()
+        self._send_timeout = send_timeout
         self._transport: asyncio.Transport | None = None
         self._fragments: list[bytes | bytearray | memoryview] = []
         self._text = False
-        self._ended = False  # None is in `messages`
+        self._queued = 0  # bytes in `messages`
+        self.ended = False  # None is in `messages`: the client closed, failed or went
+        self._discarding = False  # the relay is over: what the client sends is dropped
         self._answering = False  # a close from the client may be answered now
-        self._paused = False  # reading, for a queue the upstream has not taken
+        self._paused = False  # reading, for messages the upstream has not taken
         self._can_write: asyncio.Future[None] | None = None
         self._lingering: asyncio.TimerHandle | None = None
         self.lost: asyncio.Future[None] = loop.create_future()
@@ -247,16 +263,24 @@ class ClientSide(asyncio.Protocol):
 
     # -- the relay's side ---------------------------------------------------------------
 
+    def start_reading(self) -> None:
+        """Read from the client (paused since its handshake), unless what it sent with the
+        handshake already filled the queue."""
+        if not self._paused and self._transport is not None:
+            self._transport.resume_reading()
+
     async def receive(self) -> str | bytes | None:
         """The next whole message from the client; None once it has closed or gone."""
         message = await self.messages.get()
-        if self._paused and self.messages.qsize() <= _QUEUE_LOW and self._transport:
-            self._paused = False
-            self._transport.resume_reading()
+        if message is not None:
+            self._queued -= len(message)
+            if self._paused and self._queued <= QUEUE_LOW_BYTES:
+                self._resume()
         return message
 
     async def send(self, message: str | bytes) -> None:
-        """Send one message; ConnectionError once the client's side is closed."""
+        """Send one message; ConnectionError once the client's side is closed, or when the
+        client took nothing for the send timeout (it is cut off)."""
         from websockets.exceptions import InvalidState
         from websockets.protocol import OPEN
 
@@ -270,8 +294,18 @@ class ClientSide(asyncio.Protocol):
         except InvalidState:
             raise ConnectionResetError("the client's side of the session is closed") from None
         self._send()
-        if self._can_write is not None and not self._can_write.done():
-            await self._can_write
+        waiter = self._can_write
+        if waiter is not None and not waiter.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), self._send_timeout)
+            except TimeoutError:
+                log.warning(
+                    "a WebSocket client read nothing for %g s (PROXY_HEADER_TIMEOUT): cut off",
+                    self._send_timeout,
+                )
+                if self._transport is not None:
+                    self._transport.abort()
+                raise ConnectionResetError("the client read nothing: cut off") from None
 
     @property
     def close_code(self) -> int:
@@ -284,12 +318,24 @@ class ClientSide(asyncio.Protocol):
         received = self.protocol.close_rcvd
         return received.reason if received is not None else ""
 
+    @property
+    def failed_with(self) -> int | None:
+        """The code the proxy failed the client's side with (1007, 1009...), if it did."""
+        sent = self.protocol.close_sent
+        if sent is None or self.protocol.close_rcvd_then_sent:
+            return None  # none sent, or the echo of the client's own close
+        return sent.code
+
     async def close(self, code: int, reason: str) -> None:
         """Close with `code` (or answer the client's own close) and wait, for a while, for
-        the client to end the connection."""
+        the client to end the connection. What it still sends meanwhile is read and dropped,
+        so its own close is read in time."""
         from websockets.protocol import OPEN
 
+        self._discarding = True
         self._answering = True
+        if self._paused:
+            self._resume()
         if self.protocol.state is OPEN:
             self.protocol.send_close(code, reason)
         self._send()
@@ -303,6 +349,8 @@ class ClientSide(asyncio.Protocol):
         from websockets.protocol import OPEN
 
         for event in events:
+            if self.protocol.state is not OPEN and self.protocol.close_rcvd is None:
+                break  # failed (RFC 6455 7.1.7): nothing after the failure is passed on
             assert isinstance(event, Frame)
             if event.opcode is Opcode.TEXT or event.opcode is Opcode.BINARY:
                 self._text = event.opcode is Opcode.TEXT
@@ -312,12 +360,14 @@ class ClientSide(asyncio.Protocol):
             else:
                 continue  # a ping (answered by the protocol), a pong, or the close
             if event.fin:
-                self._message(b"".join(self._fragments))
-                self._fragments = []
+                data, self._fragments = b"".join(self._fragments), []
+                self._message(data)
         if self.protocol.state is not OPEN:
             self._end()  # the client closed, or broke the protocol (failed: 1002, 1009...)
 
     def _message(self, data: bytes) -> None:
+        if self._discarding:
+            return
         message: str | bytes = data
         if self._text:
             try:
@@ -326,13 +376,19 @@ class ClientSide(asyncio.Protocol):
                 self.protocol.fail(1007, "invalid UTF-8 in a text message")  # RFC 6455 8.1
                 return
         self.messages.put_nowait(message)
-        if not self._paused and self.messages.qsize() >= _QUEUE_HIGH and self._transport:
+        self._queued += len(message)
+        if not self._paused and self._queued > QUEUE_HIGH_BYTES and self._transport:
             self._paused = True
             self._transport.pause_reading()
 
+    def _resume(self) -> None:
+        self._paused = False
+        if self._transport is not None:
+            self._transport.resume_reading()
+
     def _end(self) -> None:
-        if not self._ended:
-            self._ended = True
+        if not self.ended:
+            self.ended = True
             self.messages.put_nowait(None)
 
     def _linger(self) -> None:
@@ -466,24 +522,49 @@ async def _relay_frames(
 ) -> None:
     inbound = asyncio.create_task(_client_to_upstream(client, upstream, stats))
     outbound = asyncio.create_task(_upstream_to_client(upstream, client, stats))
+    tasks = {inbound, outbound}
     try:
-        done, _ = await asyncio.wait({inbound, outbound}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        if client.ended and not inbound.done():
+            # The client closed (or failed, or went): what it sent before that still goes
+            # upstream (the queue ends with None), while the upstream takes it.
+            await asyncio.wait({inbound}, timeout=_CLOSE_TIMEOUT_SECONDS)
     finally:
-        for task in (inbound, outbound):
+        for task in tasks:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.gather(inbound, outbound, return_exceptions=True)
-    if inbound in done and upstream.close_code is None:
-        # The client closed or vanished: tell the upstream, then answer the client. (The
-        # inbound side also ends when the upstream cannot take a message: it has closed.)
+            await asyncio.gather(*tasks, return_exceptions=True)
+    if client.ended:
+        # Told the upstream first, then the client answered: a client whose close is done
+        # knows the upstream session is over. (The upstream may have closed just then too.)
         code = client.close_code
-        stats.close_code = code
-        await upstream.close(_sendable(code, GOING_AWAY), client.close_reason)
+        stats.close_code = client.failed_with or code
+        await _close_upstream(upstream, _sendable(code, GOING_AWAY), client.close_reason)
         await client.close(_sendable(code, GOING_AWAY), client.close_reason)
     else:
         code = upstream.close_code if upstream.close_code is not None else _ABNORMAL
         stats.close_code = code
         await client.close(_sendable(code, BAD_GATEWAY), upstream.close_reason or "")
+
+
+async def _close_upstream(upstream: ClientConnection, code: int, reason: str) -> None:
+    """Close the upstream session, reading (and dropping) what it still sends meanwhile:
+    its close answer may be queued behind messages nobody takes any more, which websockets
+    stops reading at its max_queue."""
+    from websockets.exceptions import ConnectionClosed  # see above, at `log`
+
+    async def drop() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in upstream:
+                pass
+
+    dropping = asyncio.create_task(drop())
+    try:
+        await upstream.close(code, reason)
+    finally:
+        dropping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await dropping
 
 
 async def _client_to_upstream(

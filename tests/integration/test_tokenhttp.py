@@ -190,3 +190,15 @@ async def test_keep_alive_connections_are_reused_and_closed_with_the_transport(
         while endpoint.open:  # noqa: ASYNC110 - the server's read ending is the only signal
             await asyncio.sleep(0.01)
     assert len(endpoint.requests) == 3
+
+
+async def test_a_credential_asking_for_tls_without_verification_is_refused(
+    endpoint: TokenEndpoint,
+) -> None:
+    # azure-identity's Service Fabric managed identity asks for connection_verify=False.
+    async with transport() as pool_transport:
+        with pytest.raises(ServiceRequestError, match="without verification"):
+            await pool_transport.send(
+                HttpRequest("GET", endpoint.url + "/t"), connection_verify=False
+            )
+    assert endpoint.requests == []
