@@ -779,28 +779,16 @@ class ClientConnection(ReadsIntoBuffer):
             else:
                 await response.send_error(ProxyError("Internal proxy error"))
         finally:
-            seconds = time.monotonic() - started
-            if observed:
-                frontend.metrics.in_flight -= 1
-                frontend.metrics.observe(
-                    request.method,
-                    frontend.metrics.deployment(path),
-                    str(status),
-                    seconds,
-                    streamed=response.event_stream,
-                    timing=response.timing,
-                )
-            if not frontend.admin:
-                access_line(
-                    frontend.access_log,
-                    request.method,
-                    _text(request.target),
-                    status,
-                    bytes_in=request.body.received,
-                    bytes_out=response.bytes_out,
-                    seconds=seconds,
-                    upstream=response.timing,
-                )
+            self._account(
+                request,
+                path,
+                status,
+                started,
+                response,
+                observed=observed,
+                streamed=response.event_stream,
+                bytes_in=request.body.received,
+            )
             if not frontend.admin:
                 frontend.lifecycle.leave(task)
         if response.keep_alive and not self.lost:
@@ -809,10 +797,10 @@ class ClientConnection(ReadsIntoBuffer):
             self._task = None
             self._close()
 
-    async def _answer(
-        self, request: _Request, path: str, response: _Response, *, rejected: str | None
-    ) -> None:
-        frontend = self._frontend
+    def _admit(self, request: _Request, path: str) -> list[tuple[str, str]]:
+        """What every request the tasks serve must pass before it is answered: the HTTP
+        version, sound framing and the inbound rules (ProxyError if not). Its headers, as
+        latin-1 text of their bytes."""
         if request.version > (1, 1):
             # RFC 9110 15.6.6: this port speaks HTTP/1.x only (an HTTP/2 client sends a preface
             # llhttp already refuses; this is a request line that claims a later version).
@@ -825,6 +813,54 @@ class ClientConnection(ReadsIntoBuffer):
         headers = [(_text(n), _text(v)) for n, v in request.headers]
         if problem := self._admission_problem(request, path, headers):
             raise problem
+        return headers
+
+    def _account(
+        self,
+        request: _Request,
+        path: str,
+        status: int,
+        started: float,
+        response: _Response,
+        *,
+        observed: bool,
+        streamed: bool,
+        bytes_in: int,
+        session: SessionStats | None = None,
+    ) -> None:
+        """A served request's metrics (`observed`: counted in flight since it began) and
+        access line; the admin port writes none."""
+        frontend = self._frontend
+        seconds = time.monotonic() - started
+        if observed:
+            frontend.metrics.in_flight -= 1
+            frontend.metrics.observe(
+                request.method,
+                frontend.metrics.deployment(path),
+                str(status),
+                seconds,
+                streamed=streamed,
+                timing=response.timing,
+                session=session,
+            )
+        if not frontend.admin:
+            access_line(
+                frontend.access_log,
+                request.method,
+                _text(request.target),
+                status,
+                bytes_in=bytes_in,
+                bytes_out=response.bytes_out,
+                seconds=seconds,
+                upstream=response.timing,
+                session=session,
+            )
+
+    async def _answer(
+        self, request: _Request, path: str, response: _Response, *, rejected: str | None
+    ) -> None:
+        frontend = self._frontend
+        headers = self._admit(request, path)
         if request.method in _PROBE_METHODS and path in _RESERVED:
             await self._reserved(request, path, response)
             return
@@ -886,7 +922,8 @@ class ClientConnection(ReadsIntoBuffer):
         frontend = self._frontend
         task = asyncio.current_task()
         assert task is not None
-        frontend.lifecycle.enter(task)
+        if not frontend.admin:  # as in _serve
+            frontend.lifecycle.enter(task)
         started = time.monotonic()
         # Not upgraded after all (refused, or an error): the connection goes on as HTTP/1.1.
         # Its head was all of the request (one with a body is refused in on_headers_complete;
@@ -901,14 +938,7 @@ class ClientConnection(ReadsIntoBuffer):
         status = 500
         stats: SessionStats | None = None
         try:
-            if request.version > (1, 1):
-                major, minor = request.version
-                raise VersionNotSupported(f"HTTP/{major}.{minor} is not supported; use HTTP/1.1")
-            if problem := framing_problem(request.version, request.headers):
-                raise problem
-            headers = [(_text(n), _text(v)) for n, v in request.headers]
-            if problem := self._admission_problem(request, path, headers):
-                raise problem
+            headers = self._admit(request, path)
             if request.method in _PROBE_METHODS and path in _RESERVED:
                 await self._reserved(request, path, response)
                 status = response.status
@@ -967,31 +997,19 @@ class ClientConnection(ReadsIntoBuffer):
             if not response.started and not self.lost:
                 await response.send_error(ProxyError("Internal proxy error"))
         finally:
-            seconds = time.monotonic() - started
-            if observed:
-                frontend.metrics.in_flight -= 1
-                frontend.metrics.observe(
-                    request.method,
-                    frontend.metrics.deployment(path),
-                    str(status),
-                    seconds,
-                    streamed=False,
-                    timing=None,
-                    session=stats,
-                )
+            self._account(
+                request,
+                path,
+                status,
+                started,
+                response,
+                observed=observed,
+                streamed=False,
+                bytes_in=0,
+                session=stats,
+            )
             if not frontend.admin:
-                access_line(
-                    frontend.access_log,
-                    request.method,
-                    target,
-                    status,
-                    bytes_in=0,
-                    bytes_out=response.bytes_out,
-                    seconds=seconds,
-                    upstream=None,
-                    session=stats,
-                )
-            frontend.lifecycle.leave(task)
+                frontend.lifecycle.leave(task)
             if stats is not None:
                 # The socket was the session's: its end is this connection's end.
                 self.lost = True

@@ -603,7 +603,7 @@ async def _close_quietly(
     upstream: ClientConnection, client: ClientSide | None, code: int, reason: str
 ) -> None:
     with contextlib.suppress(Exception):
-        await asyncio.wait_for(upstream.close(code, reason), 2)
+        await asyncio.wait_for(_close_upstream(upstream, code, reason), 2)
     if client is not None:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(client.close(code, reason), 2)
